@@ -1,0 +1,650 @@
+//! Guest memory of one device: the control side that changes it ([`GuestMemory`]) and the reader
+//! side that queue workers use ([`QueueMemory`], [`Batch`]).
+//!
+//! Every change that retires memory (a new memory table, a removed region, a new dirty log) runs
+//! through [`Domain::invalidate_start`] before the call returns, so a caller that replies to the
+//! frontend after the call has made the reply the barrier: no thread touches the retired mapping
+//! any more, and the mapping is gone (or `PROT_NONE` in the test mode).
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc as StdArc, Mutex as StdMutex, MutexGuard};
+
+use crate::access::GuestSlice;
+use crate::addr::GuestPhysAddr;
+use crate::dirty::{DirtyLog, LogCache};
+use crate::error::MemoryError;
+use crate::map::{MemoryMap, Region, RegionSpec, MAX_REGIONS};
+use crate::mmap::RetireMode;
+use crate::protocol::{Domain, Gate, RegionTag, MAX_CACHED};
+use crate::sync::Arc;
+
+/// Region slots: a memory table may be replaced while the old one still holds its slots, so
+/// twice the map's maximum, plus two slots that dirty logs alternate between.
+const REGION_SLOTS: usize = 2 * MAX_REGIONS;
+const LOG_SLOTS: [usize; 2] = [REGION_SLOTS, REGION_SLOTS + 1];
+const NUM_SLOTS: usize = REGION_SLOTS + 2;
+
+/// Ids start at 1: 0 means "no region" in a gate's cache.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[derive(Debug)]
+struct Writer {
+    /// Slots not held by a live region.
+    free_slots: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    domain: Domain,
+    mode: RetireMode,
+    /// Serializes the control side. Held across invalidations (and their waits); no reader ever
+    /// takes it.
+    writer: StdMutex<Writer>,
+    /// The map in force. Readers take this lock only to clone the `Arc` when `map_gen` moved; the
+    /// control side holds it only to swap the `Arc`, never while it waits.
+    current: StdMutex<StdArc<MemoryMap>>,
+    map_gen: AtomicU64,
+    /// The dirty log in force, under the same rules as `current`.
+    log: StdMutex<Option<StdArc<DirtyLog>>>,
+    log_gen: AtomicU64,
+    /// VHOST_F_LOG_ALL: read by every batch after it enters.
+    logging: AtomicBool,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every critical section is
+    // a swap or a push), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The guest memory of one device, as the control side sees it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GuestMemory {
+    shared: StdArc<Shared>,
+}
+
+impl Default for GuestMemory {
+    fn default() -> Self {
+        Self::new(RetireMode::from_env())
+    }
+}
+
+impl GuestMemory {
+    /// Empty guest memory whose retired mappings are handled as `mode` says.
+    pub fn new(mode: RetireMode) -> Self {
+        Self {
+            shared: StdArc::new(Shared {
+                domain: Domain::new(NUM_SLOTS),
+                mode,
+                writer: StdMutex::new(Writer { free_slots: (0..REGION_SLOTS).rev().collect() }),
+                current: StdMutex::new(StdArc::new(MemoryMap::empty())),
+                map_gen: AtomicU64::new(0),
+                log: StdMutex::new(None),
+                log_gen: AtomicU64::new(0),
+                logging: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The map in force now.
+    pub fn map(&self) -> StdArc<MemoryMap> {
+        lock(&self.shared.current).clone()
+    }
+
+    /// The retirement mode.
+    pub fn retire_mode(&self) -> RetireMode {
+        self.shared.mode
+    }
+
+    /// The protocol domain (benchmarks and tests look at its gates).
+    pub fn domain(&self) -> &Domain {
+        &self.shared.domain
+    }
+
+    fn map_regions(&self, w: &mut Writer, specs: &[RegionSpec<'_>]) -> Result<Vec<StdArc<Region>>, MemoryError> {
+        let mut mapped = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let Some(slot) = w.free_slots.pop() else {
+                release_slots(w, &mapped);
+                return Err(MemoryError::TooManyRegions { max: MAX_REGIONS });
+            };
+            match Region::map(spec, RegionTag::new(next_id(), slot)) {
+                Ok(r) => mapped.push(StdArc::new(r)),
+                Err(e) => {
+                    w.free_slots.push(slot);
+                    release_slots(w, &mapped);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(mapped)
+    }
+
+    /// SET_MEM_TABLE: replaces every region. On error nothing changes and the old map keeps
+    /// serving. On success every old mapping is retired before this returns.
+    pub fn set_regions(&self, specs: &[RegionSpec<'_>]) -> Result<(), MemoryError> {
+        if specs.len() > MAX_REGIONS {
+            return Err(MemoryError::TooManyRegions { max: MAX_REGIONS });
+        }
+        for spec in specs {
+            spec.validate()?;
+        }
+        let mut w = lock(&self.shared.writer);
+        let mapped = self.map_regions(&mut w, specs)?;
+        let new_map = match MemoryMap::from_regions(mapped.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                release_slots(&mut w, &mapped);
+                return Err(e);
+            }
+        };
+        let old = self.map();
+        self.retire(&mut w, old.regions().to_vec(), new_map);
+        Ok(())
+    }
+
+    /// ADD_MEM_REG: adds one region. Nothing is retired, so nobody is waited for.
+    pub fn add_region(&self, spec: &RegionSpec<'_>) -> Result<(), MemoryError> {
+        spec.validate()?;
+        let mut w = lock(&self.shared.writer);
+        let old = self.map();
+        if old.len() >= MAX_REGIONS {
+            return Err(MemoryError::TooManyRegions { max: MAX_REGIONS });
+        }
+        let mapped = self.map_regions(&mut w, std::slice::from_ref(spec))?;
+        let mut all = old.regions().to_vec();
+        all.extend(mapped.iter().cloned());
+        match MemoryMap::from_regions(all) {
+            Ok(m) => {
+                self.publish_map(m);
+                Ok(())
+            }
+            Err(e) => {
+                release_slots(&mut w, &mapped);
+                Err(e)
+            }
+        }
+    }
+
+    /// REM_MEM_REG: removes the region matching all three of `gpa`, `size` and `user_addr`.
+    /// When this returns no thread can touch the region's mapping.
+    pub fn remove_region(
+        &self,
+        gpa: GuestPhysAddr,
+        size: u64,
+        user_addr: crate::addr::UserAddr,
+    ) -> Result<(), MemoryError> {
+        let mut w = lock(&self.shared.writer);
+        let old = self.map();
+        let index = old.position(gpa, size, user_addr).ok_or(MemoryError::NoSuchRegion { gpa, size, user_addr })?;
+        let mut keep = old.regions().to_vec();
+        let gone = keep.remove(index);
+        let new_map = MemoryMap::from_regions(keep)?;
+        self.retire(&mut w, vec![gone], new_map);
+        Ok(())
+    }
+
+    fn publish_map(&self, map: MemoryMap) {
+        *lock(&self.shared.current) = StdArc::new(map);
+        // Release: pairs with the Acquire in `QueueMemory::batch`; a reader that sees the new
+        // generation then takes the lock and gets the new map.
+        self.shared.map_gen.fetch_add(1, Release);
+    }
+
+    fn retire(&self, w: &mut Writer, gone: Vec<StdArc<Region>>, new_map: MemoryMap) {
+        let tags: Vec<&RegionTag> = gone.iter().map(|r| &r.tag).collect();
+        let invalidation = self.shared.domain.invalidate_start(&tags, || self.publish_map(new_map));
+        for r in &gone {
+            r.mapping.retire(self.shared.mode);
+        }
+        invalidation.end();
+        release_slots(w, &gone);
+        tracing::debug!(retired = gone.len(), "guest memory regions retired");
+    }
+
+    /// SET_LOG_BASE: maps a new dirty log and retires the old one.
+    pub fn set_dirty_log(&self, fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), MemoryError> {
+        let _w = lock(&self.shared.writer);
+        let old = lock(&self.shared.log).clone();
+        let slot = match &old {
+            Some(l) if l.tag.slot == LOG_SLOTS[0] => LOG_SLOTS[1],
+            _ => LOG_SLOTS[0],
+        };
+        let log = DirtyLog::map(fd, offset, size, RegionTag::new(next_id(), slot))?;
+        self.replace_log(old, Some(StdArc::new(log)));
+        Ok(())
+    }
+
+    /// Drops the dirty log (the frontend is gone, or logging has ended for good).
+    pub fn clear_dirty_log(&self) {
+        let _w = lock(&self.shared.writer);
+        let old = lock(&self.shared.log).clone();
+        self.replace_log(old, None);
+    }
+
+    fn replace_log(&self, old: Option<StdArc<DirtyLog>>, new: Option<StdArc<DirtyLog>>) {
+        let publish = || {
+            *lock(&self.shared.log) = new;
+            self.shared.log_gen.fetch_add(1, Release);
+        };
+        match &old {
+            Some(old) => {
+                let invalidation = self.shared.domain.invalidate_start(&[&old.tag], publish);
+                old.mapping.retire(self.shared.mode);
+                invalidation.end();
+            }
+            None => publish(),
+        }
+    }
+
+    /// The dirty log in force (tests read its bits).
+    pub fn dirty_log(&self) -> Option<StdArc<DirtyLog>> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// VHOST_F_LOG_ALL on or off. Switching on waits for every batch in progress to end, so that
+    /// every write after this returns is logged.
+    pub fn set_logging(&self, on: bool) {
+        let _w = lock(&self.shared.writer);
+        // SeqCst: read by `QueueMemory::batch` after the SeqCst `Gate::enter`.
+        self.shared.logging.store(on, SeqCst);
+        if on {
+            self.shared.domain.quiesce_all();
+        }
+    }
+
+    /// Whether logging is on.
+    pub fn logging(&self) -> bool {
+        self.shared.logging.load(SeqCst)
+    }
+
+    /// A reader for one queue.
+    pub fn register_queue(&self) -> QueueMemory {
+        let gate = self.shared.domain.register();
+        QueueMemory {
+            shared: self.shared.clone(),
+            gate,
+            map: self.map(),
+            map_gen: u64::MAX,
+            log: None,
+            log_gen: u64::MAX,
+            cache: LocalCache::default(),
+            log_cache: LogCache::new(),
+            force_translating: false,
+        }
+    }
+}
+
+fn release_slots(w: &mut Writer, regions: &[StdArc<Region>]) {
+    w.free_slots.extend(regions.iter().map(|r| r.tag.slot));
+}
+
+/// A handle the control side keeps for one queue, to quiesce it.
+#[derive(Debug, Clone)]
+pub struct QueueHandle {
+    gate: Arc<Gate>,
+}
+
+impl QueueHandle {
+    /// Makes sure the queue will not use its cached translation again and waits for a batch that
+    /// may be using it (the ring moved, the queue stops). Flags the caller stored with SeqCst
+    /// before this call are seen by every later batch that loads them with SeqCst.
+    pub fn quiesce(&self) {
+        self.gate.quiesce();
+    }
+
+    /// The queue's gate.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LocalCache {
+    /// The guest ranges the cache was filled for.
+    ranges: [(u64, u64); MAX_CACHED],
+    count: usize,
+    host: [usize; MAX_CACHED],
+}
+
+/// One queue's view of guest memory: the reader side of the protocol. Owned by the thread that
+/// runs the queue.
+#[derive(Debug)]
+pub struct QueueMemory {
+    shared: StdArc<Shared>,
+    gate: Arc<Gate>,
+    map: StdArc<MemoryMap>,
+    map_gen: u64,
+    log: Option<StdArc<DirtyLog>>,
+    log_gen: u64,
+    cache: LocalCache,
+    log_cache: LogCache,
+    force_translating: bool,
+}
+
+impl Drop for QueueMemory {
+    fn drop(&mut self) {
+        self.shared.domain.unregister(&self.gate);
+    }
+}
+
+/// A range of guest memory a queue wants cached for direct access (a ring).
+pub type CachedRange = (GuestPhysAddr, u64);
+
+impl QueueMemory {
+    /// The control side's handle on this queue.
+    pub fn handle(&self) -> QueueHandle {
+        QueueHandle { gate: self.gate.clone() }
+    }
+
+    /// Forces every batch onto the translating path (to test and measure the fallback).
+    pub fn set_force_translating(&mut self, on: bool) {
+        self.force_translating = on;
+        if on {
+            self.gate.drop_cache();
+        }
+    }
+
+    /// Begins a batch. `ranges` (at most [`MAX_CACHED`]) are the guest ranges the caller wants
+    /// direct pointers to; [`Batch::cached`] has them when the cache is valid and could be (re)filled.
+    pub fn batch(&mut self, ranges: &[CachedRange]) -> Batch<'_> {
+        let cache_valid = self.gate.enter();
+        // Acquire: pairs with the Release in `publish_map`.
+        let gen = self.shared.map_gen.load(Acquire);
+        if gen != self.map_gen {
+            self.map = lock(&self.shared.current).clone();
+            self.map_gen = gen;
+        }
+        // SeqCst: pairs with the SeqCst store in `set_logging` (after the SeqCst `enter`).
+        let logging = self.shared.logging.load(SeqCst);
+        let mut batch = Batch {
+            gate: &self.gate,
+            shared: &self.shared,
+            map: RefCell::new(&mut self.map),
+            pinned: Cell::new([0; PIN_WORDS]),
+            cached: None,
+            log: None,
+            log_cache: RefCell::new(&mut self.log_cache),
+            cache_state: &mut self.cache,
+        };
+        if logging {
+            batch.log = pin_log(&self.gate, &self.shared, &mut self.log, &mut self.log_gen);
+        }
+        if !self.force_translating && !ranges.is_empty() && ranges.len() <= MAX_CACHED {
+            batch.cached = batch.use_or_fill_cache(cache_valid, ranges);
+        }
+        batch
+    }
+}
+
+fn pin_log(
+    gate: &Gate,
+    shared: &Shared,
+    log: &mut Option<StdArc<DirtyLog>>,
+    log_gen: &mut u64,
+) -> Option<StdArc<DirtyLog>> {
+    for _ in 0..4 {
+        let gen = shared.log_gen.load(Acquire);
+        if gen != *log_gen {
+            *log = lock(&shared.log).clone();
+            *log_gen = gen;
+        }
+        let l = log.as_ref()?;
+        if gate.pin(&l.tag) {
+            return Some(l.clone());
+        }
+        // The log is being replaced: its successor is published before the invalidator waits,
+        // so the next round finds it.
+        *log_gen = u64::MAX;
+    }
+    None
+}
+
+const PIN_WORDS: usize = NUM_SLOTS.div_ceil(64);
+
+/// One batch of a queue's work. Every [`GuestSlice`] it hands out is valid until it ends (drop).
+#[derive(Debug)]
+pub struct Batch<'q> {
+    gate: &'q Arc<Gate>,
+    shared: &'q StdArc<Shared>,
+    /// The queue's map, replaced in place (not cloned: a shared refcount per batch would bounce a
+    /// cache line between workers) when a region turns out to be retiring.
+    map: RefCell<&'q mut StdArc<MemoryMap>>,
+    pinned: Cell<[u64; PIN_WORDS]>,
+    /// Host addresses and lengths of the cached ranges, when the cache serves this batch.
+    cached: Option<[(usize, usize); MAX_CACHED]>,
+    log: Option<StdArc<DirtyLog>>,
+    log_cache: RefCell<&'q mut LogCache>,
+    cache_state: &'q mut LocalCache,
+}
+
+impl<'q> Batch<'q> {
+    fn use_or_fill_cache(&mut self, cache_valid: bool, ranges: &[CachedRange]) -> Option<[(usize, usize); MAX_CACHED]> {
+        let same = self.cache_state.count == ranges.len()
+            && ranges.iter().zip(self.cache_state.ranges.iter()).all(|(a, b)| a.0.raw() == b.0 && a.1 == b.1);
+        if !(cache_valid && same) {
+            if cache_valid {
+                // The ranges changed under a valid cache: clear it before rewriting its ids.
+                self.gate.drop_cache();
+            }
+            self.fill(ranges)?;
+        }
+        let c = &*self.cache_state;
+        let mut out = [(0usize, 0usize); MAX_CACHED];
+        for (i, o) in out.iter_mut().enumerate().take(c.count) {
+            *o = (c.host[i], usize::try_from(c.ranges[i].1).ok()?);
+        }
+        Some(out)
+    }
+
+    fn fill(&mut self, ranges: &[CachedRange]) -> Option<()> {
+        let seq = self.shared.domain.read_begin()?;
+        let map = self.map.borrow();
+        let mut ids = [0u64; MAX_CACHED];
+        let mut host = [0usize; MAX_CACHED];
+        for (i, &(gpa, len)) in ranges.iter().enumerate() {
+            if len == 0 {
+                return None;
+            }
+            let t = map.translate(gpa)?;
+            if t.avail < len {
+                // The range spans two regions: no single pointer; the translating path serves it.
+                return None;
+            }
+            ids[i] = map.region(t.index).id();
+            host[i] = t.host;
+        }
+        drop(map);
+        if !self.gate.publish_cache(&self.shared.domain, seq, &ids[..ranges.len()]) {
+            return None;
+        }
+        let c = &mut *self.cache_state;
+        c.count = ranges.len();
+        for (i, r) in ranges.iter().enumerate() {
+            c.ranges[i] = (r.0.raw(), r.1);
+        }
+        c.host = host;
+        Some(())
+    }
+
+    /// The cached direct views of the ranges passed to [`QueueMemory::batch`], in that order (the
+    /// entries past them are empty), or `None` when this batch must use the translating path.
+    #[inline]
+    pub fn cached(&self) -> Option<[GuestSlice<'_>; MAX_CACHED]> {
+        let c = self.cached.as_ref()?;
+        Some(c.map(|(host, len)| {
+            // SAFETY: the gate's cache is valid for this batch (checked after `enter`, or filled
+            // and validated against `seq` in `fill`), so every cached range stays mapped until the
+            // batch ends: an invalidation that retires its region clears the cache and waits for
+            // this batch first. Each range lies inside one region (checked in `fill`), and the
+            // slice borrows the batch, so it cannot outlive it. Unused entries have length zero
+            // and a dangling, never dereferenced pointer.
+            unsafe { GuestSlice::new(NonNull::new(host as *mut u8).unwrap_or(NonNull::dangling()), len) }
+        }))
+    }
+
+    /// The map this batch translates with.
+    pub fn map(&self) -> StdArc<MemoryMap> {
+        (**self.map.borrow()).clone()
+    }
+
+    fn pin_index(&self, index: usize, map: &MemoryMap) -> bool {
+        let tag = &map.region(index).tag;
+        let mut words = self.pinned.get();
+        let (w, b) = (tag.slot / 64, 1u64 << (tag.slot % 64));
+        if words[w] & b != 0 {
+            return true;
+        }
+        if !self.gate.pin(tag) {
+            return false;
+        }
+        words[w] |= b;
+        self.pinned.set(words);
+        true
+    }
+
+    /// Translates `len` bytes at `gpa`, which must lie in one region, and pins that region for the
+    /// rest of the batch.
+    pub fn translate(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
+        self.translate_inner(gpa, len, false).map(|(s, _)| s)
+    }
+
+    /// Like [`Batch::translate`], but a range that spans regions yields its first part only; the
+    /// length of what was translated is the slice's length.
+    pub fn translate_prefix(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
+        self.translate_inner(gpa, len, true).map(|(s, _)| s)
+    }
+
+    fn translate_inner(
+        &self,
+        gpa: GuestPhysAddr,
+        len: u64,
+        prefix: bool,
+    ) -> Result<(GuestSlice<'_>, usize), MemoryError> {
+        for _ in 0..4 {
+            let (t, pinned, slot) = {
+                let map = self.map.borrow();
+                let t = map.translate(gpa).ok_or(MemoryError::Unmapped { gpa, len })?;
+                let pinned = self.pin_index(t.index, &map);
+                (t, pinned, map.region(t.index).slot())
+            };
+            if !pinned {
+                // Being retired: its replacement (if any) is already published.
+                **self.map.borrow_mut() = lock(&self.shared.current).clone();
+                continue;
+            }
+            let take = if t.avail >= len {
+                len
+            } else if prefix {
+                t.avail
+            } else {
+                return Err(MemoryError::Unmapped { gpa, len });
+            };
+            let n = usize::try_from(take).map_err(|_| MemoryError::Unmapped { gpa, len })?;
+            let ptr = NonNull::new(t.host as *mut u8).ok_or(MemoryError::Unmapped { gpa, len })?;
+            // SAFETY: the region holding [gpa, gpa+take) is pinned until this batch ends (the
+            // invalidator waits for pins to drop before retiring it), `take` bytes fit in it, and
+            // the slice borrows the batch, so it cannot outlive the pin.
+            return Ok((unsafe { GuestSlice::new(ptr, n) }, slot));
+        }
+        Err(MemoryError::Unmapped { gpa, len })
+    }
+
+    /// The translating slow path: copies guest memory at `gpa` into `buf`, across regions.
+    pub fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa.checked_add(done as u64).ok_or(MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
+            let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
+            s.copy_to(0, &mut buf[done..done + s.len()])?;
+            done += s.len();
+        }
+        Ok(())
+    }
+
+    /// The translating slow path: copies `buf` into guest memory at `gpa`, across regions, and
+    /// logs the write when logging is on.
+    pub fn write(&self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa.checked_add(done as u64).ok_or(MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
+            let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
+            s.copy_from(0, &buf[done..done + s.len()])?;
+            done += s.len();
+        }
+        self.log_write(gpa, buf.len() as u64)
+    }
+
+    /// Whether this batch logs writes.
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Records that the device wrote `len` bytes at `gpa` (no-op when logging is off). Call after
+    /// the write and before [`Batch::flush_log`] / publishing the used index.
+    pub fn log_write(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
+        match &self.log {
+            Some(log) => self.log_cache.borrow_mut().add(gpa, len, log),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets every logged bit in the dirty log. Call before publishing a used index.
+    pub fn flush_log(&self) -> Result<(), MemoryError> {
+        match &self.log {
+            Some(log) => self.log_cache.borrow_mut().flush(log),
+            None => Ok(()),
+        }
+    }
+
+    /// A pin for an I/O that goes on after the batch (an io_uring read into a guest buffer): the
+    /// region holding `gpa` is not retired until the pin is dropped. The batch must already hold
+    /// the region pinned (any translation of `gpa` in this batch did that).
+    pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
+        let (_, slot) = self.translate_inner(gpa, 1, false)?;
+        self.gate.pin_again(slot);
+        Ok(IoPin { gate: self.gate.clone(), slot })
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            if let Err(err) = self.log_cache.borrow_mut().flush(log) {
+                tracing::warn!(%err, "dirty log flush failed at the end of a batch");
+            }
+            self.gate.unpin(log.tag.slot);
+        }
+        let words = self.pinned.get();
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                self.gate.unpin(w * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        self.gate.leave();
+    }
+}
+
+/// An in-flight I/O's hold on a region: the invalidator waits for it.
+#[derive(Debug)]
+pub struct IoPin {
+    gate: Arc<Gate>,
+    slot: usize,
+}
+
+impl Drop for IoPin {
+    fn drop(&mut self) {
+        self.gate.unpin(self.slot);
+    }
+}

@@ -1,0 +1,270 @@
+//! The memory map: the set of guest memory regions in force, with O(log n) lookups by guest
+//! physical address and by frontend user address.
+//!
+//! A [`MemoryMap`] is immutable once built. Changing guest memory builds a new map and publishes it
+//! through the invalidation protocol (`guest.rs`); readers keep using the map they started their
+//! batch with until the protocol tells them otherwise. Lookups run over flat sorted arrays of
+//! starts, ends and host bases (no pointer chasing per probe), which is what makes them cheaper
+//! than a binary search over region objects at 509 regions.
+
+use std::os::fd::BorrowedFd;
+
+use crate::addr::{GuestPhysAddr, UserAddr};
+use crate::error::MemoryError;
+use crate::mmap::Mapping;
+use crate::protocol::RegionTag;
+use crate::sync::Arc;
+
+/// The most regions one map holds: vhost-user's VHOST_USER_MAX_CONFIG_MEM_SLOTS (what
+/// GET_MAX_MEM_SLOTS answers with CONFIGURE_MEM_SLOTS).
+pub const MAX_REGIONS: usize = 509;
+
+/// Guest addresses and sizes of regions must be multiples of this.
+pub const REGION_ALIGN: u64 = 4096;
+
+/// A region the frontend offers: where it sits in guest physical and frontend user address
+/// space, and the file descriptor range that backs it.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionSpec<'fd> {
+    /// Guest physical address of the first byte.
+    pub gpa: GuestPhysAddr,
+    /// Size in bytes.
+    pub size: u64,
+    /// The frontend's virtual address of the first byte.
+    pub user_addr: UserAddr,
+    /// The file backing the region.
+    pub fd: BorrowedFd<'fd>,
+    /// Offset of the first byte in that file.
+    pub fd_offset: u64,
+}
+
+impl RegionSpec<'_> {
+    /// Checks what can be checked without mapping: size, wrap-around and alignment.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        let (gpa, size) = (self.gpa, self.size);
+        if size == 0 {
+            return Err(MemoryError::EmptyRegion { gpa });
+        }
+        let wraps = gpa.checked_add(size).is_none()
+            || self.user_addr.checked_add(size).is_none()
+            || self.fd_offset.checked_add(size).is_none()
+            || usize::try_from(size).is_err();
+        if wraps {
+            return Err(MemoryError::WrappingRegion { gpa, size });
+        }
+        if gpa.raw() % REGION_ALIGN != 0 || size % REGION_ALIGN != 0 {
+            return Err(MemoryError::MisalignedRegion { gpa, size, page_size: REGION_ALIGN });
+        }
+        Ok(())
+    }
+}
+
+/// One mapped region of guest memory.
+#[derive(Debug)]
+pub struct Region {
+    pub(crate) tag: RegionTag,
+    gpa: GuestPhysAddr,
+    size: u64,
+    user_addr: UserAddr,
+    fd_offset: u64,
+    pub(crate) mapping: Mapping,
+}
+
+impl Region {
+    /// Maps `spec`'s file range. `tag` names the protocol slot the region pins.
+    pub(crate) fn map(spec: &RegionSpec<'_>, tag: RegionTag) -> Result<Self, MemoryError> {
+        spec.validate()?;
+        let mapping = Mapping::from_fd(spec.fd, spec.fd_offset, spec.size).map_err(|source| MemoryError::Map {
+            gpa: spec.gpa,
+            size: spec.size,
+            offset: spec.fd_offset,
+            source,
+        })?;
+        Ok(Self { tag, gpa: spec.gpa, size: spec.size, user_addr: spec.user_addr, fd_offset: spec.fd_offset, mapping })
+    }
+
+    /// Guest physical address of the first byte.
+    pub fn gpa(&self) -> GuestPhysAddr {
+        self.gpa
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The frontend's user address of the first byte.
+    pub fn user_addr(&self) -> UserAddr {
+        self.user_addr
+    }
+    /// The file offset of the first byte.
+    pub fn fd_offset(&self) -> u64 {
+        self.fd_offset
+    }
+    /// The region's unique id (never reused within a process).
+    pub fn id(&self) -> u64 {
+        self.tag.id
+    }
+    /// The protocol slot the region pins.
+    pub fn slot(&self) -> usize {
+        self.tag.slot
+    }
+    fn gpa_end(&self) -> u64 {
+        // Cannot wrap: `RegionSpec::validate` refused wrapping regions.
+        self.gpa.raw() + self.size
+    }
+    fn user_end(&self) -> u64 {
+        self.user_addr.raw() + self.size
+    }
+}
+
+/// An immutable set of non-overlapping regions.
+#[derive(Debug, Default)]
+pub struct MemoryMap {
+    /// Regions sorted by guest physical address.
+    regions: Vec<Arc<Region>>,
+    /// `regions[i].gpa`, flat, for the binary search.
+    gpa_start: Vec<u64>,
+    /// `regions[i].gpa + size`.
+    gpa_end: Vec<u64>,
+    /// Host address of `regions[i].gpa`.
+    host: Vec<usize>,
+    /// Frontend user address starts, sorted, with the index of their region.
+    user_start: Vec<u64>,
+    user_index: Vec<u16>,
+}
+
+/// The index of the last element of `starts` (sorted ascending) that is `<= x`.
+///
+/// Branch-free halving: the loop runs `log2(n)` times whatever the data, and the select compiles
+/// to a conditional move, so a random lookup pays no mispredictions.
+#[inline]
+fn last_at_or_below(starts: &[u64], x: u64) -> Option<usize> {
+    let mut size = starts.len();
+    if size == 0 {
+        return None;
+    }
+    let mut base = 0usize;
+    while size > 1 {
+        let half = size / 2;
+        let mid = base + half;
+        base = if starts[mid] <= x { mid } else { base };
+        size -= half;
+    }
+    (starts[base] <= x).then_some(base)
+}
+
+/// Where a guest physical address landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Index of the region in the map.
+    pub index: usize,
+    /// Host address of the requested guest address.
+    pub host: usize,
+    /// Bytes from the requested address to the end of the region.
+    pub avail: u64,
+}
+
+impl MemoryMap {
+    /// A map with no regions.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Builds a map from regions, refusing overlaps in either address space.
+    pub(crate) fn from_regions(mut regions: Vec<Arc<Region>>) -> Result<Self, MemoryError> {
+        if regions.len() > MAX_REGIONS {
+            return Err(MemoryError::TooManyRegions { max: MAX_REGIONS });
+        }
+        regions.sort_by_key(|r| r.gpa);
+        for w in regions.windows(2) {
+            if w[0].gpa_end() > w[1].gpa.raw() {
+                return Err(MemoryError::OverlappingRegions {
+                    gpa: w[1].gpa,
+                    size: w[1].size,
+                    other_gpa: w[0].gpa,
+                    space: "guest physical",
+                });
+            }
+        }
+        let mut by_user: Vec<(u64, u16)> = Vec::with_capacity(regions.len());
+        for (i, r) in regions.iter().enumerate() {
+            // MAX_REGIONS < u16::MAX, checked above.
+            by_user.push((r.user_addr.raw(), u16::try_from(i).unwrap_or(u16::MAX)));
+        }
+        by_user.sort_unstable();
+        for w in by_user.windows(2) {
+            let (a, b) = (&regions[usize::from(w[0].1)], &regions[usize::from(w[1].1)]);
+            if a.user_end() > b.user_addr.raw() {
+                return Err(MemoryError::OverlappingRegions {
+                    gpa: b.gpa,
+                    size: b.size,
+                    other_gpa: a.gpa,
+                    space: "user",
+                });
+            }
+        }
+        Ok(Self {
+            gpa_start: regions.iter().map(|r| r.gpa.raw()).collect(),
+            gpa_end: regions.iter().map(|r| r.gpa_end()).collect(),
+            host: regions.iter().map(|r| r.mapping.as_ptr() as usize).collect(),
+            user_start: by_user.iter().map(|&(s, _)| s).collect(),
+            user_index: by_user.iter().map(|&(_, i)| i).collect(),
+            regions,
+        })
+    }
+
+    /// The regions, sorted by guest physical address.
+    pub fn regions(&self) -> &[Arc<Region>] {
+        &self.regions
+    }
+
+    /// The number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether the map has no regions.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// The index of the region holding `gpa`.
+    #[inline]
+    pub fn find(&self, gpa: GuestPhysAddr) -> Option<usize> {
+        let i = last_at_or_below(&self.gpa_start, gpa.raw())?;
+        (gpa.raw() < self.gpa_end[i]).then_some(i)
+    }
+
+    /// Translates `gpa` to a host address, with how many bytes follow it in the same region.
+    #[inline]
+    pub fn translate(&self, gpa: GuestPhysAddr) -> Option<Translation> {
+        let index = self.find(gpa)?;
+        let offset = gpa.raw() - self.gpa_start[index];
+        let avail = self.gpa_end[index] - gpa.raw();
+        // offset < region size, which fits usize (checked in RegionSpec::validate).
+        let host = self.host[index] + usize::try_from(offset).ok()?;
+        Some(Translation { index, host, avail })
+    }
+
+    /// The region at `index`.
+    pub fn region(&self, index: usize) -> &Arc<Region> {
+        &self.regions[index]
+    }
+
+    /// The guest physical address that frontend user address `user_addr` stands for.
+    pub fn user_to_gpa(&self, user_addr: UserAddr) -> Result<GuestPhysAddr, MemoryError> {
+        let i = last_at_or_below(&self.user_start, user_addr.raw()).ok_or(MemoryError::UnmappedUser { user_addr })?;
+        let r = &self.regions[usize::from(self.user_index[i])];
+        let offset = user_addr
+            .offset_from(r.user_addr)
+            .filter(|&o| o < r.size)
+            .ok_or(MemoryError::UnmappedUser { user_addr })?;
+        Ok(GuestPhysAddr::new(r.gpa.raw() + offset))
+    }
+
+    /// The index of the region exactly matching a REM_MEM_REG description.
+    pub fn position(&self, gpa: GuestPhysAddr, size: u64, user_addr: UserAddr) -> Option<usize> {
+        let i = self.find(gpa)?;
+        let r = &self.regions[i];
+        (r.gpa == gpa && r.size == size && r.user_addr == user_addr).then_some(i)
+    }
+}

@@ -1,0 +1,351 @@
+//! The invalidation protocol: how readers use cached host pointers into guest memory without ever
+//! touching memory that the frontend has taken back.
+//!
+//! # Parties
+//!
+//! * **Readers** are queue workers. Each queue has one [`Gate`], used by one thread at a time. A
+//!   reader works in *batches*: [`Gate::enter`] … [`Gate::leave`]. Inside a batch it may use
+//!   (a) its queue's *cached translation* (host pointers of the rings), if the cache is valid, and
+//!   (b) *pinned* translations: before the first access to a region in a batch it pins the
+//!   region's slot ([`Gate::pin`]); an I/O still in flight after the batch keeps its own pin.
+//! * **The invalidator** is the control thread acting on a frontend message that retires memory.
+//!   Invalidations are serialized by the caller (one control thread per device).
+//!
+//! # State
+//!
+//! * `Domain::seq`: even when idle, odd while an invalidation is between start and end.
+//!   Written only by the invalidator (two `fetch_add`s per invalidation).
+//! * `RegionTag::retiring`: set once, by the invalidator, before it quiesces.
+//! * `Gate::state`: `2 * batches + active`; odd while the reader is inside a batch. Written only
+//!   by the reader.
+//! * `Gate::pins[slot]`: how many batch or I/O pins the reader holds on the region in `slot`.
+//! * `Gate::cache_valid` / `Gate::cache_ids`: whether the reader's cached translation may be used,
+//!   and the ids of the regions it points into.
+//!
+//! # Operations
+//!
+//! Reader, entering a batch: `state += 1` (SeqCst RMW), then load `cache_valid` (SeqCst).
+//! Reader, filling its cache (collision-retry, `mmu_interval_read_begin`/`read_retry`):
+//! `s = seq` (must be even, else use the translating path), translate without holding anything,
+//! store the ids, `cache_valid = true`, then reload `seq`: if it moved, `cache_valid = false`
+//! and do not use what was translated.
+//! Reader, pinning slot `i` of region `r`: `pins[i] += 1` (SeqCst RMW), then load `r.retiring`
+//! (SeqCst); if set, `pins[i] -= 1` and look the address up again in the newest map.
+//! Reader, leaving: unpin (Release), `state += 1` (Release store).
+//!
+//! Invalidator, [`Domain::invalidate_start`]: `seq += 1` (odd); `retiring = true` on every
+//! retired tag; publish the new map (the caller's closure); then for every gate: if its cache is
+//! valid and points into a retired region, clear `cache_valid` and wait for the batch in progress
+//! (if any) to end; wait for the gate's pins on every retired slot to drop to zero. When it
+//! returns, no reader holds or will use a pointer into a retired region. [`Invalidation::end`]:
+//! `seq += 1` (even).
+//!
+//! Every pair of "store mine, then load yours" above is a Dekker handshake, so both sides use
+//! SeqCst: in the single total order of SeqCst operations one of the two stores comes first, so
+//! at least one side sees the other. The invalidator's waits then use Acquire loads that pair
+//! with the reader's Release unpin/leave, so every access the reader made happens-before the
+//! retirement of the mapping.
+//!
+//! # The race it prevents (the 2019 kernel series had no collision-retry)
+//!
+//! | reader (fill)                          | invalidator                                  |
+//! |----------------------------------------|----------------------------------------------|
+//! | `s = seq` (even)                       |                                              |
+//! | translate GPA with old map -> ptr in R |                                              |
+//! |                                        | `seq += 1`; `R.retiring = true`; publish map |
+//! |                                        | gate cache not valid yet: no wait on batch   |
+//! |                                        | pins on R == 0: done; unmap R; reply         |
+//! | `cache_valid = true`                   |                                              |
+//! | reload `seq` != s -> **must** clear and not use ptr |                                 |
+//!
+//! Had the reader published without the reload it would now dereference an unmapped R. Had its
+//! `cache_valid = true` come before the invalidator's look at the gate, the invalidator would have
+//! seen it, cleared it and waited for the batch instead: one of the two always happens.
+//!
+//! # What may block
+//!
+//! Only the invalidator waits, and only for readers' batches and pins; it holds no lock a reader
+//! takes while it waits. Readers never wait for the invalidator: a fill that collides falls back
+//! to the translating path for that batch.
+
+use crate::sync::{wait_step, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+
+/// The most translations one gate's cache holds (a split ring has 3, a packed ring 3).
+pub const MAX_CACHED: usize = 4;
+
+/// What the protocol knows of a region (or of a dirty log): a slot that readers pin, a unique id
+/// that caches record, and the flag that turns new pins away once retirement has begun.
+#[derive(Debug)]
+pub struct RegionTag {
+    /// Unique for the life of the process (ids are never reused, slots are).
+    pub id: u64,
+    /// Index into every gate's pin counters.
+    pub slot: usize,
+    retiring: AtomicBool,
+}
+
+impl RegionTag {
+    /// A tag for a region about to be published.
+    pub fn new(id: u64, slot: usize) -> Self {
+        Self { id, slot, retiring: AtomicBool::new(false) }
+    }
+
+    /// Whether an invalidation has begun to retire the region.
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(SeqCst)
+    }
+}
+
+/// One queue's side of the protocol.
+#[derive(Debug)]
+pub struct Gate {
+    state: AtomicU64,
+    pins: Box<[AtomicU32]>,
+    cache_valid: AtomicBool,
+    cache_ids: [AtomicU64; MAX_CACHED],
+}
+
+impl Gate {
+    fn new(num_slots: usize) -> Self {
+        Self {
+            state: AtomicU64::new(0),
+            pins: (0..num_slots).map(|_| AtomicU32::new(0)).collect(),
+            cache_valid: AtomicBool::new(false),
+            cache_ids: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Reader: begins a batch and says whether the cached translation may be used in it.
+    #[inline]
+    pub fn enter(&self) -> bool {
+        // SeqCst RMW: the reader's half of the Dekker handshake with `invalidate_start`'s
+        // clearing of `cache_valid` followed by its load of `state`.
+        self.state.fetch_add(1, SeqCst);
+        self.cache_valid.load(SeqCst)
+    }
+
+    /// Reader: ends the batch. Every pointer obtained in it is dead from here on.
+    #[inline]
+    pub fn leave(&self) {
+        // Only the reader writes `state`, so a load + store is an increment. Release: pairs with
+        // the Acquire in `wait_batch_boundary`, so the batch's accesses happen-before whatever the
+        // invalidator does after seeing the batch end.
+        let s = self.state.load(Relaxed);
+        self.state.store(s.wrapping_add(1), Release);
+    }
+
+    /// Reader: pins `tag`'s slot for an access. `false` means the region is being retired: do not
+    /// use it, look the address up again in the newest map.
+    #[inline]
+    pub fn pin(&self, tag: &RegionTag) -> bool {
+        let Some(pin) = self.pins.get(tag.slot) else { return false };
+        // SeqCst RMW then SeqCst load: the reader's half of the Dekker handshake with the
+        // invalidator's `retiring = true` then `pins` load in `invalidate_start`.
+        pin.fetch_add(1, SeqCst);
+        if tag.retiring.load(SeqCst) {
+            self.unpin(tag.slot);
+            return false;
+        }
+        true
+    }
+
+    /// Adds a pin to a slot that the caller already holds pinned (an I/O taking over a batch's
+    /// buffer). No retiring check is needed: the held pin keeps the invalidator waiting.
+    pub fn pin_again(&self, slot: usize) {
+        if let Some(pin) = self.pins.get(slot) {
+            // Relaxed: ordering comes from the pin already held, whose SeqCst increment the
+            // invalidator's wait has to see undone first.
+            pin.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Reader (or an I/O completion): drops one pin on `slot`.
+    #[inline]
+    pub fn unpin(&self, slot: usize) {
+        if let Some(pin) = self.pins.get(slot) {
+            // Release: pairs with the Acquire in `wait_unpinned`, so the accesses made under the
+            // pin happen-before the retirement of the mapping.
+            pin.fetch_sub(1, Release);
+        }
+    }
+
+    /// Reader, inside a batch: publishes a cache filled with translations into the regions `ids`,
+    /// if no invalidation started or ended since `read_begin` returned `seq`. `false` means the
+    /// fill collided and the translations must not be used.
+    pub fn publish_cache(&self, domain: &Domain, seq: u64, ids: &[u64]) -> bool {
+        for (slot, id) in self.cache_ids.iter().zip(ids.iter().copied().chain(std::iter::repeat(0))) {
+            // Relaxed: made visible by the SeqCst store of `cache_valid` below, which the
+            // invalidator loads before it reads the ids.
+            slot.store(id, Relaxed);
+        }
+        self.cache_valid.store(true, SeqCst);
+        // read_retry: the SeqCst load that pairs with the invalidator's SeqCst `seq` increment.
+        if domain.seq.load(SeqCst) != seq {
+            self.cache_valid.store(false, SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Reader: forgets its cached translation (the ring moved, say).
+    pub fn drop_cache(&self) {
+        self.cache_valid.store(false, SeqCst);
+    }
+
+    /// Invalidator: whether the reader is inside a batch now.
+    pub fn is_in_batch(&self) -> bool {
+        self.state.load(SeqCst) % 2 == 1
+    }
+
+    /// Invalidator: waits until the batch in progress, if any, has ended. Batches that begin
+    /// afterwards see every SeqCst store the caller made before calling.
+    pub fn wait_batch_boundary(&self) {
+        let s = self.state.load(SeqCst);
+        if s % 2 == 0 {
+            return;
+        }
+        let mut round = 0;
+        // Acquire: pairs with the Release store in `leave`.
+        while self.state.load(Acquire) == s {
+            wait_step(round);
+            round = round.saturating_add(1);
+        }
+    }
+
+    /// Invalidator: makes sure the reader will not use its cached translation again; waits for a
+    /// batch that may be using it. Used when a ring moves or a queue stops.
+    pub fn quiesce(&self) {
+        self.cache_valid.store(false, SeqCst);
+        self.wait_batch_boundary();
+    }
+
+    fn cache_uses(&self, ids: &[u64]) -> bool {
+        if !self.cache_valid.load(SeqCst) {
+            return false;
+        }
+        self.cache_ids.iter().any(|c| {
+            let c = c.load(Relaxed);
+            c != 0 && ids.contains(&c)
+        })
+    }
+
+    fn wait_unpinned(&self, slot: usize) {
+        let Some(pin) = self.pins.get(slot) else { return };
+        // The first load is SeqCst: the invalidator's half of the Dekker handshake in `pin`.
+        if pin.load(SeqCst) == 0 {
+            return;
+        }
+        let mut round = 0;
+        // Acquire: pairs with the Release in `unpin`.
+        while pin.load(Acquire) != 0 {
+            wait_step(round);
+            round = round.saturating_add(1);
+        }
+    }
+
+    /// The number of pins held on `slot` now (tests and diagnostics).
+    pub fn pins_on(&self, slot: usize) -> u32 {
+        self.pins.get(slot).map_or(0, |p| p.load(Acquire))
+    }
+}
+
+/// The protocol state shared by all queues of one device: the invalidation sequence and the set
+/// of gates to quiesce.
+#[derive(Debug)]
+pub struct Domain {
+    seq: AtomicU64,
+    num_slots: usize,
+    gates: Mutex<Vec<Arc<Gate>>>,
+}
+
+impl Domain {
+    /// A domain whose regions use slots `0..num_slots`.
+    pub fn new(num_slots: usize) -> Self {
+        Self { seq: AtomicU64::new(0), num_slots, gates: Mutex::new(Vec::new()) }
+    }
+
+    /// Registers a new reader.
+    pub fn register(&self) -> Arc<Gate> {
+        let gate = Arc::new(Gate::new(self.num_slots));
+        self.gates.lock().unwrap_or_else(|e| e.into_inner()).push(gate.clone());
+        gate
+    }
+
+    /// Forgets a reader (its queue is gone).
+    pub fn unregister(&self, gate: &Arc<Gate>) {
+        self.gates.lock().unwrap_or_else(|e| e.into_inner()).retain(|g| !Arc::ptr_eq(g, gate));
+    }
+
+    fn gates(&self) -> Vec<Arc<Gate>> {
+        // The registry lock is held only to copy the list: never while waiting on a reader.
+        self.gates.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reader: `mmu_interval_read_begin`. `None` while an invalidation is in progress: then no
+    /// fill may publish, and the reader uses the translating path for this batch.
+    #[inline]
+    pub fn read_begin(&self) -> Option<u64> {
+        let s = self.seq.load(SeqCst);
+        (s % 2 == 0).then_some(s)
+    }
+
+    /// Invalidator: retires `tags`. `publish` runs after new pins on the tags are refused and
+    /// before the wait, and is where the caller installs the map without them. When this returns,
+    /// no reader holds or will use a pointer into any of the tags' regions; until the returned
+    /// [`Invalidation`] ends, no cache fill publishes.
+    pub fn invalidate_start(&self, tags: &[&RegionTag], publish: impl FnOnce()) -> Invalidation<'_> {
+        // SeqCst: pairs with the reload in `publish_cache` (read_retry).
+        self.seq.fetch_add(1, SeqCst);
+        for tag in tags {
+            // SeqCst: the invalidator's half of the Dekker handshake in `Gate::pin`.
+            tag.retiring.store(true, SeqCst);
+        }
+        publish();
+        let ids: Vec<u64> = tags.iter().map(|t| t.id).collect();
+        for gate in self.gates() {
+            if gate.cache_uses(&ids) {
+                // SeqCst store, then the SeqCst load of `state` in `wait_batch_boundary`: the
+                // invalidator's half of the Dekker handshake in `Gate::enter`.
+                gate.cache_valid.store(false, SeqCst);
+                gate.wait_batch_boundary();
+            }
+            for tag in tags {
+                gate.wait_unpinned(tag.slot);
+            }
+        }
+        Invalidation { domain: self }
+    }
+
+    /// Invalidator: waits for every batch in progress to end, after the caller has changed a
+    /// SeqCst flag that batches read after `enter` (logging switched on, say).
+    pub fn quiesce_all(&self) {
+        for gate in self.gates() {
+            gate.wait_batch_boundary();
+        }
+    }
+
+    /// The current sequence (tests and diagnostics).
+    pub fn seq(&self) -> u64 {
+        self.seq.load(SeqCst)
+    }
+}
+
+/// An invalidation between start and end. Ends when dropped.
+#[must_use = "an invalidation ends when dropped; keep it until the retired mappings are gone"]
+#[derive(Debug)]
+pub struct Invalidation<'d> {
+    domain: &'d Domain,
+}
+
+impl Invalidation<'_> {
+    /// Ends the invalidation: cache fills may publish again.
+    pub fn end(self) {}
+}
+
+impl Drop for Invalidation<'_> {
+    fn drop(&mut self) {
+        // SeqCst: as in `invalidate_start`.
+        self.domain.seq.fetch_add(1, SeqCst);
+    }
+}

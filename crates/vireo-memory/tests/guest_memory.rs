@@ -1,0 +1,267 @@
+//! Functional tests of guest memory: maps, refusals, the cache, pins, quiesce and the dirty log.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::Backing;
+use vireo_memory::{memfd, GuestMemory, GuestPhysAddr, MemoryError, RegionSpec, RetireMode, UserAddr};
+
+const MB: u64 = 1 << 20;
+
+fn gpa(x: u64) -> GuestPhysAddr {
+    GuestPhysAddr::new(x)
+}
+
+fn prot_none() -> GuestMemory {
+    GuestMemory::new(RetireMode::ProtNone { keep: 64 })
+}
+
+/// The permissions column of /proc/self/maps for the mapping holding `addr`.
+fn perms_of(addr: usize) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let range = it.next()?;
+        let perms = it.next()?;
+        let (a, b) = range.split_once('-')?;
+        let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+        (a <= addr && addr < b).then(|| perms.to_string())
+    })
+}
+
+#[test]
+fn translating_path_crosses_regions() {
+    let a = Backing::new(0, MB, 0x7f00_0000_0000);
+    let b = Backing::new(MB, MB, 0x7f10_0000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec(), b.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    {
+        let batch = q.batch(&[]);
+        batch.write(gpa(MB - 4096), &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        batch.read(gpa(MB - 4096), &mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(matches!(batch.translate(gpa(MB - 8), 16), Err(MemoryError::Unmapped { .. })));
+        assert!(matches!(batch.read(gpa(2 * MB - 8), &mut [0u8; 16]), Err(MemoryError::Unmapped { .. })));
+    }
+    assert_eq!(&a.read_all()[(MB - 4096) as usize..], &data[..4096]);
+    assert_eq!(&b.read_all()[..4096], &data[4096..]);
+    let map = mem.map();
+    assert_eq!(map.user_to_gpa(UserAddr::new(0x7f10_0000_0010)).unwrap(), gpa(MB + 0x10));
+    assert!(map.user_to_gpa(UserAddr::new(0x7f10_0000_0000 + MB)).is_err());
+}
+
+#[test]
+fn refused_region_sets_leave_the_old_map_serving() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    q.batch(&[]).write(gpa(0x100), b"still here").unwrap();
+    let live = vireo_memory::live_mappings();
+
+    let b = Backing::new(MB / 2, MB, 0x2000_0000);
+    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+    let refused: Vec<(&str, Vec<RegionSpec<'_>>)> = vec![
+        ("overlap in gpa", vec![a.spec(), b.spec()]),
+        ("overlap in user", vec![a.spec(), RegionSpec { gpa: gpa(4 * MB), ..a.spec_at_user(0x1000_0000 + 4096) }]),
+        ("empty", vec![RegionSpec { size: 0, ..a.spec() }]),
+        ("wrapping", vec![RegionSpec { gpa: gpa(u64::MAX - 4095), size: 8192, ..a.spec() }]),
+        ("misaligned", vec![RegionSpec { gpa: gpa(100), ..a.spec() }]),
+        ("unmappable", vec![RegionSpec { fd: pipe_r.as_fd(), ..a.spec() }]),
+    ];
+    for (what, specs) in refused {
+        let err = mem.set_regions(&specs).expect_err(what);
+        assert!(!err.to_string().is_empty());
+        assert!(mem.add_region(&specs[specs.len() - 1]).is_err(), "{what}");
+        let mut buf = [0u8; 10];
+        q.batch(&[]).read(gpa(0x100), &mut buf).unwrap();
+        assert_eq!(&buf, b"still here", "{what}");
+    }
+    assert!(matches!(
+        mem.remove_region(gpa(0), 4096, UserAddr::new(0x1000_0000)),
+        Err(MemoryError::NoSuchRegion { .. })
+    ));
+    // Only the accepted-then-removed add of the user-overlap case can have touched mappings.
+    assert!(vireo_memory::live_mappings() <= live + 1);
+}
+
+#[test]
+fn too_many_regions_are_refused() {
+    let fd = memfd("many", 4096 * 600).unwrap();
+    let specs: Vec<RegionSpec<'_>> = (0..510u64)
+        .map(|i| RegionSpec {
+            gpa: gpa(i * 8192),
+            size: 4096,
+            user_addr: UserAddr::new(i * 8192),
+            fd: fd.as_fd(),
+            fd_offset: i * 4096,
+        })
+        .collect();
+    let mem = GuestMemory::new(RetireMode::Unmap);
+    assert!(matches!(mem.set_regions(&specs), Err(MemoryError::TooManyRegions { max: 509 })));
+    mem.set_regions(&specs[..509]).unwrap();
+    assert_eq!(mem.map().len(), 509);
+    assert!(matches!(mem.add_region(&specs[509]), Err(MemoryError::TooManyRegions { .. })));
+    for s in &specs[..509] {
+        assert_eq!(mem.map().translate(s.gpa).map(|t| t.avail), Some(4096));
+    }
+}
+
+#[test]
+fn cached_ring_is_invalidated_and_retired_prot_none() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    let ring = [(gpa(0x2000), 256u64)];
+    let old_ptr = {
+        let batch = q.batch(&ring);
+        let c = batch.cached().expect("a ring inside one region is cached");
+        c[0].write::<u64>(0, 42).unwrap();
+        c[0].as_ptr() as usize
+    };
+    assert_eq!(a.read_u64(0x2000), 42);
+    // Remap the same memfd: the cache must refill at the new address, the old one is PROT_NONE.
+    mem.set_regions(&[a.spec()]).unwrap();
+    assert_eq!(perms_of(old_ptr).as_deref(), Some("---p"));
+    let batch = q.batch(&ring);
+    let c = batch.cached().expect("refilled");
+    assert_ne!(c[0].as_ptr() as usize, old_ptr);
+    assert_eq!(c[0].read::<u64>(0).unwrap(), 42);
+}
+
+#[test]
+fn ring_across_regions_falls_back_to_translating() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let b = Backing::new(MB, MB, 0x2000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec(), b.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    let batch = q.batch(&[(gpa(MB - 128), 256)]);
+    assert!(batch.cached().is_none());
+    batch.write(gpa(MB - 128), &[7u8; 256]).unwrap();
+    let mut back = [0u8; 256];
+    batch.read(gpa(MB - 128), &mut back).unwrap();
+    assert_eq!(back, [7u8; 256]);
+}
+
+#[test]
+fn forced_translating_path_never_caches() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    q.set_force_translating(true);
+    assert!(q.batch(&[(gpa(0), 64)]).cached().is_none());
+    q.set_force_translating(false);
+    assert!(q.batch(&[(gpa(0), 64)]).cached().is_some());
+}
+
+#[test]
+fn io_pin_holds_off_retirement() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    let (pin, ptr) = {
+        let batch = q.batch(&[]);
+        let s = batch.translate(gpa(0x3000), 4096).unwrap();
+        (batch.io_pin(gpa(0x3000)).unwrap(), s.as_ptr() as usize)
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let remover = {
+        let (mem, done) = (mem.clone(), done.clone());
+        std::thread::spawn(move || {
+            mem.remove_region(gpa(0), MB, UserAddr::new(0x1000_0000)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst), "the region was retired under an in-flight I/O");
+    // The "I/O" completes: it writes through its pointer, then releases the pin.
+    // SAFETY: the pin keeps the mapping alive; the address is inside the 4096 bytes translated.
+    unsafe { (ptr as *mut u64).write_volatile(99) };
+    drop(pin);
+    remover.join().unwrap();
+    assert_eq!(a.read_u64(0x3000), 99);
+    assert_eq!(perms_of(ptr).as_deref(), Some("---p"));
+}
+
+#[test]
+fn invalidation_waits_only_for_queues_that_touch_the_range() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let b = Backing::new(MB, MB, 0x2000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec(), b.spec()]).unwrap();
+    let in_batch = Arc::new(Barrier::new(2));
+    let release = Arc::new(Barrier::new(2));
+    let worker = {
+        let (mem, in_batch, release) = (mem.clone(), in_batch.clone(), release.clone());
+        std::thread::spawn(move || {
+            let mut q = mem.register_queue();
+            let batch = q.batch(&[(gpa(0x1000), 64)]);
+            assert!(batch.cached().is_some());
+            batch.translate(gpa(0x8000), 64).unwrap();
+            in_batch.wait();
+            release.wait();
+            drop(batch);
+        })
+    };
+    in_batch.wait();
+    // Region B is neither cached nor pinned by the busy queue: this must not wait for it.
+    mem.remove_region(gpa(MB), MB, UserAddr::new(0x2000_0000)).unwrap();
+    // Region A is: removing it must wait until the batch ends.
+    let done = Arc::new(AtomicBool::new(false));
+    let remover = {
+        let (mem, done) = (mem.clone(), done.clone());
+        std::thread::spawn(move || {
+            mem.remove_region(gpa(0), MB, UserAddr::new(0x1000_0000)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst), "region A was retired under a batch using it");
+    release.wait();
+    worker.join().unwrap();
+    remover.join().unwrap();
+    assert!(mem.map().is_empty());
+}
+
+#[test]
+fn dirty_log_records_writes_while_logging() {
+    let a = Backing::new(0, 4 * MB, 0x1000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec()]).unwrap();
+    let log_fd = memfd("log", 4096).unwrap();
+    mem.set_dirty_log(log_fd.as_fd(), 0, 4096).unwrap();
+    let mut q = mem.register_queue();
+    q.batch(&[]).write(gpa(0x5000), &[1; 8]).unwrap();
+    let log = mem.dirty_log().unwrap();
+    assert!(!log.is_dirty(5), "logging is off");
+    mem.set_logging(true);
+    {
+        let batch = q.batch(&[]);
+        batch.write(gpa(0x7ff8), &[2; 16]).unwrap();
+        batch.log_write(gpa(3 * MB), 1).unwrap();
+    }
+    for page in [7, 8, 3 * MB / 4096] {
+        assert!(log.is_dirty(page), "page {page}");
+    }
+    assert!(!log.is_dirty(5) && !log.is_dirty(9));
+    // A new log retires the old one, and batches move to the new one.
+    let log2_fd = memfd("log2", 4096).unwrap();
+    mem.set_dirty_log(log2_fd.as_fd(), 0, 4096).unwrap();
+    q.batch(&[]).write(gpa(0x9000), &[3; 8]).unwrap();
+    let log2 = mem.dirty_log().unwrap();
+    assert!(log2.is_dirty(9));
+    mem.set_logging(false);
+    q.batch(&[]).write(gpa(0xa000), &[3; 8]).unwrap();
+    assert!(!log2.is_dirty(10));
+}
