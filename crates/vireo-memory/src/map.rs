@@ -13,7 +13,7 @@ use crate::addr::{GuestPhysAddr, UserAddr};
 use crate::error::MemoryError;
 use crate::mmap::Mapping;
 use crate::protocol::RegionTag;
-use crate::sync::Arc;
+use std::sync::Arc;
 
 /// The most regions one map holds: vhost-user's VHOST_USER_MAX_CONFIG_MEM_SLOTS (what
 /// GET_MAX_MEM_SLOTS answers with CONFIGURE_MEM_SLOTS).

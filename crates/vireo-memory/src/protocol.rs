@@ -24,26 +24,29 @@
 //!
 //! # Operations
 //!
-//! Reader, entering a batch: `state += 1` (SeqCst RMW), then load `cache_valid` (SeqCst).
+//! Reader, entering a batch: `state += 1`, fence, load `cache_valid`.
 //! Reader, filling its cache (collision-retry, `mmu_interval_read_begin`/`read_retry`):
 //! `s = seq` (must be even, else use the translating path), translate without holding anything,
-//! store the ids, `cache_valid = true`, then reload `seq`: if it moved, `cache_valid = false`
+//! store the ids, `cache_valid = true`, fence, reload `seq`: if it moved, `cache_valid = false`
 //! and do not use what was translated.
-//! Reader, pinning slot `i` of region `r`: `pins[i] += 1` (SeqCst RMW), then load `r.retiring`
-//! (SeqCst); if set, `pins[i] -= 1` and look the address up again in the newest map.
+//! Reader, pinning slot `i` of region `r`: `pins[i] += 1`, fence, load `r.retiring`; if set,
+//! `pins[i] -= 1` and look the address up again in the newest map.
 //! Reader, leaving: unpin (Release), `state += 1` (Release store).
 //!
 //! Invalidator, [`Domain::invalidate_start`]: `seq += 1` (odd); `retiring = true` on every
-//! retired tag; publish the new map (the caller's closure); then for every gate: if its cache is
-//! valid and points into a retired region, clear `cache_valid` and wait for the batch in progress
-//! (if any) to end; wait for the gate's pins on every retired slot to drop to zero. When it
-//! returns, no reader holds or will use a pointer into a retired region. [`Invalidation::end`]:
-//! `seq += 1` (even).
+//! retired tag; publish the new map (the caller's closure); fence; then for every gate: if its
+//! cache is valid and points into a retired region, clear `cache_valid`, fence, and wait for the
+//! batch in progress (if any) to end; wait for the gate's pins on every retired slot to drop to
+//! zero. When it returns, no reader holds or will use a pointer into a retired region.
+//! [`Invalidation::end`]: `seq += 1` (even).
 //!
-//! Every pair of "store mine, then load yours" above is a Dekker handshake, so both sides use
-//! SeqCst: in the single total order of SeqCst operations one of the two stores comes first, so
-//! at least one side sees the other. The invalidator's waits then use Acquire loads that pair
-//! with the reader's Release unpin/leave, so every access the reader made happens-before the
+//! Every "store mine, fence, load yours" above is one half of a Dekker handshake, and "fence" is
+//! `fence(SeqCst)` on both sides: of two SeqCst fences one comes first in their total order, so
+//! the load after the later fence sees the store before the earlier one; at least one side sees
+//! the other. (Fences rather than SeqCst accesses: on x86 a plain store plus a fence is the
+//! cheapest form, measured in BENCHMARKS.md, and it is the form loom models; loom treats SeqCst
+//! loads and stores as AcqRel.) The invalidator's waits then use Acquire loads that pair with
+//! the reader's Release unpin/leave, so every access the reader made happens-before the
 //! retirement of the mapping.
 //!
 //! # The race it prevents (the 2019 kernel series had no collision-retry)
@@ -68,7 +71,7 @@
 //! takes while it waits. Readers never wait for the invalidator: a fill that collides falls back
 //! to the translating path for that batch.
 
-use crate::sync::{wait_step, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
+use crate::sync::{fence, wait_step, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 /// The most translations one gate's cache holds (a split ring has 3, a packed ring 3).
@@ -93,7 +96,7 @@ impl RegionTag {
 
     /// Whether an invalidation has begun to retire the region.
     pub fn is_retiring(&self) -> bool {
-        self.retiring.load(SeqCst)
+        self.retiring.load(Acquire)
     }
 }
 
@@ -119,10 +122,19 @@ impl Gate {
     /// Reader: begins a batch and says whether the cached translation may be used in it.
     #[inline]
     pub fn enter(&self) -> bool {
-        // SeqCst RMW: the reader's half of the Dekker handshake with `invalidate_start`'s
-        // clearing of `cache_valid` followed by its load of `state`.
-        self.state.fetch_add(1, SeqCst);
-        self.cache_valid.load(SeqCst)
+        // Only the reader writes `state`, so a load + store is an increment. Release, although
+        // this store publishes nothing of the new batch: an invalidator waiting for the previous
+        // batch may first see this value rather than that batch's `leave`, and must then still
+        // synchronize with everything before it (a Relaxed store here does not continue the
+        // release sequence of `leave`; loom found that).
+        let s = self.state.load(Relaxed);
+        self.state.store(s.wrapping_add(1), Release);
+        // The reader's half of the Dekker handshake with the invalidator's "clear `cache_valid`,
+        // fence, load `state`" (`invalidate_start`, `quiesce`, `wait_batch_boundary`): either
+        // the invalidator sees this batch as active and waits for it, or this load sees the cache
+        // cleared (and any flag stored before the invalidator's fence).
+        fence(SeqCst);
+        self.cache_valid.load(Relaxed)
     }
 
     /// Reader: ends the batch. Every pointer obtained in it is dead from here on.
@@ -140,10 +152,11 @@ impl Gate {
     #[inline]
     pub fn pin(&self, tag: &RegionTag) -> bool {
         let Some(pin) = self.pins.get(tag.slot) else { return false };
-        // SeqCst RMW then SeqCst load: the reader's half of the Dekker handshake with the
-        // invalidator's `retiring = true` then `pins` load in `invalidate_start`.
-        pin.fetch_add(1, SeqCst);
-        if tag.retiring.load(SeqCst) {
+        pin.fetch_add(1, Relaxed);
+        // The reader's half of the Dekker handshake with the invalidator's "`retiring = true`,
+        // fence, load `pins`" in `invalidate_start`.
+        fence(SeqCst);
+        if tag.retiring.load(Relaxed) {
             self.unpin(tag.slot);
             return false;
         }
@@ -175,14 +188,17 @@ impl Gate {
     /// fill collided and the translations must not be used.
     pub fn publish_cache(&self, domain: &Domain, seq: u64, ids: &[u64]) -> bool {
         for (slot, id) in self.cache_ids.iter().zip(ids.iter().copied().chain(std::iter::repeat(0))) {
-            // Relaxed: made visible by the SeqCst store of `cache_valid` below, which the
-            // invalidator loads before it reads the ids.
+            // Relaxed: made visible by the Release store of `cache_valid` below, which the
+            // invalidator loads with Acquire before it reads the ids.
             slot.store(id, Relaxed);
         }
-        self.cache_valid.store(true, SeqCst);
-        // read_retry: the SeqCst load that pairs with the invalidator's SeqCst `seq` increment.
-        if domain.seq.load(SeqCst) != seq {
-            self.cache_valid.store(false, SeqCst);
+        self.cache_valid.store(true, Release);
+        // read_retry: the reader's half of the Dekker handshake with the invalidator's
+        // "`seq += 1`, fence, load `cache_valid`": either the invalidator sees this cache and
+        // invalidates it (waiting for the batch), or this load sees `seq` moved.
+        fence(SeqCst);
+        if domain.seq.load(Relaxed) != seq {
+            self.cache_valid.store(false, Relaxed);
             return false;
         }
         true
@@ -190,18 +206,26 @@ impl Gate {
 
     /// Reader: forgets its cached translation (the ring moved, say).
     pub fn drop_cache(&self) {
-        self.cache_valid.store(false, SeqCst);
+        // Relaxed: only this thread uses the cache, and an invalidator that still sees it valid
+        // merely waits for a batch it did not need to.
+        self.cache_valid.store(false, Relaxed);
     }
 
     /// Invalidator: whether the reader is inside a batch now.
     pub fn is_in_batch(&self) -> bool {
-        self.state.load(SeqCst) % 2 == 1
+        self.state.load(Acquire) % 2 == 1
     }
 
     /// Invalidator: waits until the batch in progress, if any, has ended. Batches that begin
     /// afterwards see every SeqCst store the caller made before calling.
     pub fn wait_batch_boundary(&self) {
-        let s = self.state.load(SeqCst);
+        // The invalidator's half of the Dekker handshake in `enter`: whatever the caller stored
+        // before this fence is seen by a batch that this load does not see active.
+        fence(SeqCst);
+        // Acquire even for this first load: if it reads the `leave` of a batch that has already
+        // ended, that batch's accesses must happen-before what the caller does next (loom found
+        // the Relaxed version of this load wanting: an ended batch's write escaped the dirty log).
+        let s = self.state.load(Acquire);
         if s % 2 == 0 {
             return;
         }
@@ -216,12 +240,14 @@ impl Gate {
     /// Invalidator: makes sure the reader will not use its cached translation again; waits for a
     /// batch that may be using it. Used when a ring moves or a queue stops.
     pub fn quiesce(&self) {
-        self.cache_valid.store(false, SeqCst);
+        self.cache_valid.store(false, Relaxed);
         self.wait_batch_boundary();
     }
 
     fn cache_uses(&self, ids: &[u64]) -> bool {
-        if !self.cache_valid.load(SeqCst) {
+        // Acquire: pairs with the Release store in `publish_cache`, so the ids read below are
+        // the ones published with it.
+        if !self.cache_valid.load(Acquire) {
             return false;
         }
         self.cache_ids.iter().any(|c| {
@@ -232,8 +258,9 @@ impl Gate {
 
     fn wait_unpinned(&self, slot: usize) {
         let Some(pin) = self.pins.get(slot) else { return };
-        // The first load is SeqCst: the invalidator's half of the Dekker handshake in `pin`.
-        if pin.load(SeqCst) == 0 {
+        // `invalidate_start` fenced after setting `retiring`: this load is the invalidator's half
+        // of the Dekker handshake in `pin`.
+        if pin.load(Acquire) == 0 {
             return;
         }
         let mut round = 0;
@@ -286,7 +313,8 @@ impl Domain {
     /// fill may publish, and the reader uses the translating path for this batch.
     #[inline]
     pub fn read_begin(&self) -> Option<u64> {
-        let s = self.seq.load(SeqCst);
+        // Acquire: pairs with the Release increment that ended the last invalidation.
+        let s = self.seq.load(Acquire);
         (s % 2 == 0).then_some(s)
     }
 
@@ -295,19 +323,21 @@ impl Domain {
     /// no reader holds or will use a pointer into any of the tags' regions; until the returned
     /// [`Invalidation`] ends, no cache fill publishes.
     pub fn invalidate_start(&self, tags: &[&RegionTag], publish: impl FnOnce()) -> Invalidation<'_> {
-        // SeqCst: pairs with the reload in `publish_cache` (read_retry).
-        self.seq.fetch_add(1, SeqCst);
+        self.seq.fetch_add(1, Relaxed);
         for tag in tags {
-            // SeqCst: the invalidator's half of the Dekker handshake in `Gate::pin`.
-            tag.retiring.store(true, SeqCst);
+            tag.retiring.store(true, Relaxed);
         }
         publish();
+        // The invalidator's half of two Dekker handshakes: with `publish_cache` (it stored
+        // `cache_valid`, fenced, loads `seq`; we stored `seq`, fence, load `cache_valid`) and
+        // with `pin` (it stored `pins`, fenced, loads `retiring`; we stored `retiring`, fence,
+        // load `pins`).
+        fence(SeqCst);
         let ids: Vec<u64> = tags.iter().map(|t| t.id).collect();
         for gate in self.gates() {
             if gate.cache_uses(&ids) {
-                // SeqCst store, then the SeqCst load of `state` in `wait_batch_boundary`: the
-                // invalidator's half of the Dekker handshake in `Gate::enter`.
-                gate.cache_valid.store(false, SeqCst);
+                // `wait_batch_boundary` fences after this store: the handshake with `enter`.
+                gate.cache_valid.store(false, Relaxed);
                 gate.wait_batch_boundary();
             }
             for tag in tags {
@@ -327,7 +357,7 @@ impl Domain {
 
     /// The current sequence (tests and diagnostics).
     pub fn seq(&self) -> u64 {
-        self.seq.load(SeqCst)
+        self.seq.load(Acquire)
     }
 }
 
@@ -345,7 +375,7 @@ impl Invalidation<'_> {
 
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
-        // SeqCst: as in `invalidate_start`.
-        self.domain.seq.fetch_add(1, SeqCst);
+        // Release: pairs with the Acquire in `read_begin`; the retirement is done.
+        self.domain.seq.fetch_add(1, Release);
     }
 }

@@ -6,12 +6,12 @@
 //! directly: it is not part of the model.
 
 #[cfg(vireo_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
 #[cfg(vireo_loom)]
 pub(crate) use loom::sync::{Arc, Mutex};
 
 #[cfg(not(vireo_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
 #[cfg(not(vireo_loom))]
 pub(crate) use std::sync::{Arc, Mutex};
 
