@@ -369,6 +369,7 @@ impl QueueMemory {
             gate: &self.gate,
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
+            map_gen: &mut self.map_gen,
             pinned: Cell::new([0; PIN_WORDS]),
             cached: None,
             log: None,
@@ -391,7 +392,7 @@ fn pin_log(
     log: &mut Option<StdArc<DirtyLog>>,
     log_gen: &mut u64,
 ) -> Option<StdArc<DirtyLog>> {
-    for _ in 0..4 {
+    for _ in 0..64 {
         let gen = shared.log_gen.load(Acquire);
         if gen != *log_gen {
             *log = lock(&shared.log).clone();
@@ -418,6 +419,8 @@ pub struct Batch<'q> {
     /// The queue's map, replaced in place (not cloned: a shared refcount per batch would bounce a
     /// cache line between workers) when a region turns out to be retiring.
     map: RefCell<&'q mut StdArc<MemoryMap>>,
+    /// The generation of `map`; a fill re-checks it after `read_begin`.
+    map_gen: &'q mut u64,
     pinned: Cell<[u64; PIN_WORDS]>,
     /// Host addresses and lengths of the cached ranges, when the cache serves this batch.
     cached: Option<[(usize, usize); MAX_CACHED]>,
@@ -447,6 +450,16 @@ impl<'q> Batch<'q> {
 
     fn fill(&mut self, ranges: &[CachedRange]) -> Option<()> {
         let seq = self.shared.domain.read_begin()?;
+        // Translate with a map taken *after* read_begin (the interval notifier's order: begin,
+        // then walk, then retry). The map this batch loaded on entry may predate an invalidation
+        // that has already ended and left `seq` even again; the stress test faulted on exactly
+        // that before this check. Acquire pairs with the Release in `publish_map`, which comes
+        // before the Release end of the invalidation that `read_begin` synchronized with.
+        let gen = self.shared.map_gen.load(Acquire);
+        if gen != *self.map_gen {
+            **self.map.borrow_mut() = lock(&self.shared.current).clone();
+            *self.map_gen = gen;
+        }
         let map = self.map.borrow();
         let mut ids = [0u64; MAX_CACHED];
         let mut host = [0usize; MAX_CACHED];
@@ -529,7 +542,11 @@ impl<'q> Batch<'q> {
         len: u64,
         prefix: bool,
     ) -> Result<(GuestSlice<'_>, usize), MemoryError> {
-        for _ in 0..4 {
+        // A refused pin means the region is retiring, and its replacement map was published
+        // before the refusal (see `Domain::invalidate_start`), so one more look normally
+        // succeeds; the bound only stops a frontend that remaps without pause from holding a
+        // worker here.
+        for _ in 0..64 {
             let (t, pinned, slot) = {
                 let map = self.map.borrow();
                 let t = map.translate(gpa).ok_or(MemoryError::Unmapped { gpa, len })?;

@@ -33,8 +33,8 @@
 //! `pins[i] -= 1` and look the address up again in the newest map.
 //! Reader, leaving: unpin (Release), `state += 1` (Release store).
 //!
-//! Invalidator, [`Domain::invalidate_start`]: `seq += 1` (odd); `retiring = true` on every
-//! retired tag; publish the new map (the caller's closure); fence; then for every gate: if its
+//! Invalidator, [`Domain::invalidate_start`]: `seq += 1` (odd); publish the new map (the
+//! caller's closure); `retiring = true` on every retired tag; fence; then for every gate: if its
 //! cache is valid and points into a retired region, clear `cache_valid`, fence, and wait for the
 //! batch in progress (if any) to end; wait for the gate's pins on every retired slot to drop to
 //! zero. When it returns, no reader holds or will use a pointer into a retired region.
@@ -156,7 +156,9 @@ impl Gate {
         // The reader's half of the Dekker handshake with the invalidator's "`retiring = true`,
         // fence, load `pins`" in `invalidate_start`.
         fence(SeqCst);
-        if tag.retiring.load(Relaxed) {
+        // Acquire: pairs with the Release store of `retiring`, so the map the caller looks up
+        // next is the one published before it.
+        if tag.retiring.load(Acquire) {
             self.unpin(tag.slot);
             return false;
         }
@@ -318,16 +320,18 @@ impl Domain {
         (s % 2 == 0).then_some(s)
     }
 
-    /// Invalidator: retires `tags`. `publish` runs after new pins on the tags are refused and
-    /// before the wait, and is where the caller installs the map without them. When this returns,
+    /// Invalidator: retires `tags`. `publish` runs first, and is where the caller installs the map
+    /// without them, so that readers turned away from a retiring tag find its replacement. When this returns,
     /// no reader holds or will use a pointer into any of the tags' regions; until the returned
     /// [`Invalidation`] ends, no cache fill publishes.
     pub fn invalidate_start(&self, tags: &[&RegionTag], publish: impl FnOnce()) -> Invalidation<'_> {
         self.seq.fetch_add(1, Relaxed);
-        for tag in tags {
-            tag.retiring.store(true, Relaxed);
-        }
+        // Publish first, so that a reader whose pin is refused finds the new map when it looks
+        // again: Release pairs with the Acquire load of `retiring` in `pin`.
         publish();
+        for tag in tags {
+            tag.retiring.store(true, Release);
+        }
         // The invalidator's half of two Dekker handshakes: with `publish_cache` (it stored
         // `cache_valid`, fenced, loads `seq`; we stored `seq`, fence, load `cache_valid`) and
         // with `pin` (it stored `pins`, fenced, loads `retiring`; we stored `retiring`, fence,

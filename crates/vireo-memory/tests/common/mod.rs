@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests: memfd-backed regions as a frontend would create them.
+#![allow(clippy::cast_possible_truncation)]
 #![allow(dead_code)]
 
 use std::os::fd::{AsFd, OwnedFd};
