@@ -1,1 +1,42 @@
-fn main() {}
+//! Side-by-side benchmarks of Vireo against its peers, in one run, as ratios.
+//!
+//! `cargo run --release -p vireo-benches -- memory --json`
+
+// Measurement arithmetic converts between counts, nanoseconds and floats on purpose.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+
+mod harness;
+mod memory;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Vireo against its peers, side by side in one run")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Print one JSON object instead of a summary.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Fewer and shorter runs (a smoke test of the harness, not figures to quote).
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Address translation vs vm-memory, the protocol's read side, invalidation latency.
+    Memory,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let out = match cli.bench {
+        Bench::Memory => memory::run(cli.quick),
+    };
+    if cli.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    }
+}

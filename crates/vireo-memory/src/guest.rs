@@ -6,7 +6,7 @@
 //! frontend after the call has made the reply the barrier: no thread touches the retired mapping
 //! any more, and the mapping is gone (or `PROT_NONE` in the test mode).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
@@ -57,6 +57,11 @@ struct Shared {
     log_gen: AtomicU64,
     /// VHOST_F_LOG_ALL: read by every batch after it enters.
     logging: AtomicBool,
+    /// How long the last invalidation took from start to end, in nanoseconds (the part of a
+    /// frontend's reply latency that the protocol adds; benchmarks report it).
+    last_invalidation_ns: AtomicU64,
+    /// Of which the wait for readers (start until `invalidate_start` returned).
+    last_quiesce_ns: AtomicU64,
 }
 
 fn lock<T>(m: &StdMutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +95,8 @@ impl GuestMemory {
                 log: StdMutex::new(None),
                 log_gen: AtomicU64::new(0),
                 logging: AtomicBool::new(false),
+                last_invalidation_ns: AtomicU64::new(0),
+                last_quiesce_ns: AtomicU64::new(0),
             }),
         }
     }
@@ -201,11 +208,17 @@ impl GuestMemory {
 
     fn retire(&self, w: &mut Writer, gone: Vec<StdArc<Region>>, new_map: MemoryMap) {
         let tags: Vec<&RegionTag> = gone.iter().map(|r| &r.tag).collect();
+        let started = std::time::Instant::now();
         let invalidation = self.shared.domain.invalidate_start(&tags, || self.publish_map(new_map));
+        self.note_quiesce(started);
+        // Fills may publish again as soon as no reader can use the retired mappings: they
+        // translate with the new map. Retiring the mappings (munmap, the slow part) comes after,
+        // still before the caller replies.
+        invalidation.end();
+        self.note_invalidation(started);
         for r in &gone {
             r.mapping.retire(self.shared.mode);
         }
-        invalidation.end();
         release_slots(w, &gone);
         tracing::debug!(retired = gone.len(), "guest memory regions retired");
     }
@@ -237,12 +250,37 @@ impl GuestMemory {
         };
         match &old {
             Some(old) => {
+                let started = std::time::Instant::now();
                 let invalidation = self.shared.domain.invalidate_start(&[&old.tag], publish);
-                old.mapping.retire(self.shared.mode);
+                self.note_quiesce(started);
                 invalidation.end();
+                self.note_invalidation(started);
+                old.mapping.retire(self.shared.mode);
             }
             None => publish(),
         }
+    }
+
+    fn note_quiesce(&self, started: std::time::Instant) {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.shared.last_quiesce_ns.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the last invalidation waited for readers (from its start until no reader could
+    /// use the retired translation).
+    pub fn last_quiesce(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.shared.last_quiesce_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn note_invalidation(&self, started: std::time::Instant) {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.shared.last_invalidation_ns.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the last invalidation took from its start to its end (the unmapping of the retired
+    /// mappings, which follows, not included).
+    pub fn last_invalidation(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.shared.last_invalidation_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The dirty log in force (tests read its bits).
@@ -312,7 +350,8 @@ struct LocalCache {
     /// The guest ranges the cache was filled for.
     ranges: [(u64, u64); MAX_CACHED],
     count: usize,
-    host: [usize; MAX_CACHED],
+    /// Host address and length of each range.
+    views: [(usize, usize); MAX_CACHED],
 }
 
 /// One queue's view of guest memory: the reader side of the protocol. Owned by the thread that
@@ -355,6 +394,7 @@ impl QueueMemory {
 
     /// Begins a batch. `ranges` (at most [`MAX_CACHED`]) are the guest ranges the caller wants
     /// direct pointers to; [`Batch::cached`] has them when the cache is valid and could be (re)filled.
+    #[inline]
     pub fn batch(&mut self, ranges: &[CachedRange]) -> Batch<'_> {
         let cache_valid = self.gate.enter();
         // Acquire: pairs with the Release in `publish_map`.
@@ -363,26 +403,80 @@ impl QueueMemory {
             self.map = lock(&self.shared.current).clone();
             self.map_gen = gen;
         }
-        // SeqCst: pairs with the SeqCst store in `set_logging` (after the SeqCst `enter`).
-        let logging = self.shared.logging.load(SeqCst);
-        let mut batch = Batch {
+        // SeqCst: pairs with the SeqCst store in `set_logging` (after the fence in `enter`).
+        let log = if self.shared.logging.load(SeqCst) {
+            pin_log(&self.gate, &self.shared, &mut self.log, &mut self.log_gen)
+        } else {
+            None
+        };
+        let cache_hit = !self.force_translating
+            && !ranges.is_empty()
+            && ranges.len() <= MAX_CACHED
+            && self.use_or_fill_cache(cache_valid, ranges);
+        Batch {
             gate: &self.gate,
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
-            map_gen: &mut self.map_gen,
-            pinned: Cell::new([0; PIN_WORDS]),
-            cached: None,
-            log: None,
+            pinned: RefCell::new(PinList::default()),
+            cache_hit,
+            log,
             log_cache: RefCell::new(&mut self.log_cache),
-            cache_state: &mut self.cache,
-        };
-        if logging {
-            batch.log = pin_log(&self.gate, &self.shared, &mut self.log, &mut self.log_gen);
+            cache: &self.cache,
         }
-        if !self.force_translating && !ranges.is_empty() && ranges.len() <= MAX_CACHED {
-            batch.cached = batch.use_or_fill_cache(cache_valid, ranges);
+    }
+
+    #[inline]
+    fn use_or_fill_cache(&mut self, cache_valid: bool, ranges: &[CachedRange]) -> bool {
+        let c = &self.cache;
+        let same =
+            c.count == ranges.len() && ranges.iter().zip(c.ranges.iter()).all(|(a, b)| a.0.raw() == b.0 && a.1 == b.1);
+        if cache_valid && same {
+            return true;
         }
-        batch
+        if cache_valid {
+            // The ranges changed under a valid cache: clear it before rewriting its ids.
+            self.gate.drop_cache();
+        }
+        self.fill(ranges).is_some()
+    }
+
+    #[cold]
+    fn fill(&mut self, ranges: &[CachedRange]) -> Option<()> {
+        let seq = self.shared.domain.read_begin()?;
+        // Translate with a map taken *after* read_begin (the interval notifier's order: begin,
+        // then walk, then retry). The map this batch loaded on entry may predate an invalidation
+        // that has already ended and left `seq` even again; the stress test faulted on exactly
+        // that before this check. Acquire pairs with the Release in `publish_map`, which comes
+        // before the Release end of the invalidation that `read_begin` synchronized with.
+        let gen = self.shared.map_gen.load(Acquire);
+        if gen != self.map_gen {
+            self.map = lock(&self.shared.current).clone();
+            self.map_gen = gen;
+        }
+        let mut ids = [0u64; MAX_CACHED];
+        let mut views = [(0usize, 0usize); MAX_CACHED];
+        for (i, &(gpa, len)) in ranges.iter().enumerate() {
+            if len == 0 {
+                return None;
+            }
+            let t = self.map.translate(gpa)?;
+            if t.avail < len {
+                // The range spans two regions: no single pointer; the translating path serves it.
+                return None;
+            }
+            ids[i] = self.map.region(t.index).id();
+            views[i] = (t.host, usize::try_from(len).ok()?);
+        }
+        if !self.gate.publish_cache(&self.shared.domain, seq, &ids[..ranges.len()]) {
+            return None;
+        }
+        let c = &mut self.cache;
+        c.count = ranges.len();
+        for (i, r) in ranges.iter().enumerate() {
+            c.ranges[i] = (r.0.raw(), r.1);
+        }
+        c.views = views;
+        Some(())
     }
 }
 
@@ -409,7 +503,33 @@ fn pin_log(
     None
 }
 
-const PIN_WORDS: usize = NUM_SLOTS.div_ceil(64);
+/// The slots a batch has pinned. A batch usually touches one or two regions, so they live
+/// inline; a batch that scatters over more spills to the heap.
+#[derive(Debug, Default)]
+struct PinList {
+    inline: [u16; 8],
+    len: usize,
+    spill: Vec<u16>,
+}
+
+impl PinList {
+    fn contains(&self, slot: u16) -> bool {
+        self.inline[..self.len].contains(&slot) || self.spill.contains(&slot)
+    }
+
+    fn push(&mut self, slot: u16) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = slot;
+            self.len += 1;
+        } else {
+            self.spill.push(slot);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.inline[..self.len].iter().chain(self.spill.iter()).copied()
+    }
+}
 
 /// One batch of a queue's work. Every [`GuestSlice`] it hands out is valid until it ends (drop).
 #[derive(Debug)]
@@ -419,81 +539,23 @@ pub struct Batch<'q> {
     /// The queue's map, replaced in place (not cloned: a shared refcount per batch would bounce a
     /// cache line between workers) when a region turns out to be retiring.
     map: RefCell<&'q mut StdArc<MemoryMap>>,
-    /// The generation of `map`; a fill re-checks it after `read_begin`.
-    map_gen: &'q mut u64,
-    pinned: Cell<[u64; PIN_WORDS]>,
-    /// Host addresses and lengths of the cached ranges, when the cache serves this batch.
-    cached: Option<[(usize, usize); MAX_CACHED]>,
+    pinned: RefCell<PinList>,
+    /// Whether the cached translation serves this batch.
+    cache_hit: bool,
     log: Option<StdArc<DirtyLog>>,
     log_cache: RefCell<&'q mut LogCache>,
-    cache_state: &'q mut LocalCache,
+    cache: &'q LocalCache,
 }
 
 impl<'q> Batch<'q> {
-    fn use_or_fill_cache(&mut self, cache_valid: bool, ranges: &[CachedRange]) -> Option<[(usize, usize); MAX_CACHED]> {
-        let same = self.cache_state.count == ranges.len()
-            && ranges.iter().zip(self.cache_state.ranges.iter()).all(|(a, b)| a.0.raw() == b.0 && a.1 == b.1);
-        if !(cache_valid && same) {
-            if cache_valid {
-                // The ranges changed under a valid cache: clear it before rewriting its ids.
-                self.gate.drop_cache();
-            }
-            self.fill(ranges)?;
-        }
-        let c = &*self.cache_state;
-        let mut out = [(0usize, 0usize); MAX_CACHED];
-        for (i, o) in out.iter_mut().enumerate().take(c.count) {
-            *o = (c.host[i], usize::try_from(c.ranges[i].1).ok()?);
-        }
-        Some(out)
-    }
-
-    fn fill(&mut self, ranges: &[CachedRange]) -> Option<()> {
-        let seq = self.shared.domain.read_begin()?;
-        // Translate with a map taken *after* read_begin (the interval notifier's order: begin,
-        // then walk, then retry). The map this batch loaded on entry may predate an invalidation
-        // that has already ended and left `seq` even again; the stress test faulted on exactly
-        // that before this check. Acquire pairs with the Release in `publish_map`, which comes
-        // before the Release end of the invalidation that `read_begin` synchronized with.
-        let gen = self.shared.map_gen.load(Acquire);
-        if gen != *self.map_gen {
-            **self.map.borrow_mut() = lock(&self.shared.current).clone();
-            *self.map_gen = gen;
-        }
-        let map = self.map.borrow();
-        let mut ids = [0u64; MAX_CACHED];
-        let mut host = [0usize; MAX_CACHED];
-        for (i, &(gpa, len)) in ranges.iter().enumerate() {
-            if len == 0 {
-                return None;
-            }
-            let t = map.translate(gpa)?;
-            if t.avail < len {
-                // The range spans two regions: no single pointer; the translating path serves it.
-                return None;
-            }
-            ids[i] = map.region(t.index).id();
-            host[i] = t.host;
-        }
-        drop(map);
-        if !self.gate.publish_cache(&self.shared.domain, seq, &ids[..ranges.len()]) {
-            return None;
-        }
-        let c = &mut *self.cache_state;
-        c.count = ranges.len();
-        for (i, r) in ranges.iter().enumerate() {
-            c.ranges[i] = (r.0.raw(), r.1);
-        }
-        c.host = host;
-        Some(())
-    }
-
     /// The cached direct views of the ranges passed to [`QueueMemory::batch`], in that order (the
     /// entries past them are empty), or `None` when this batch must use the translating path.
     #[inline]
     pub fn cached(&self) -> Option<[GuestSlice<'_>; MAX_CACHED]> {
-        let c = self.cached.as_ref()?;
-        Some(c.map(|(host, len)| {
+        if !self.cache_hit {
+            return None;
+        }
+        Some(self.cache.views.map(|(host, len)| {
             // SAFETY: the gate's cache is valid for this batch (checked after `enter`, or filled
             // and validated against `seq` in `fill`), so every cached range stays mapped until the
             // batch ends: an invalidation that retires its region clears the cache and waits for
@@ -511,16 +573,15 @@ impl<'q> Batch<'q> {
 
     fn pin_index(&self, index: usize, map: &MemoryMap) -> bool {
         let tag = &map.region(index).tag;
-        let mut words = self.pinned.get();
-        let (w, b) = (tag.slot / 64, 1u64 << (tag.slot % 64));
-        if words[w] & b != 0 {
+        // Slots are below NUM_SLOTS, which fits u16.
+        let slot = u16::try_from(tag.slot).unwrap_or(u16::MAX);
+        if self.pinned.borrow().contains(slot) {
             return true;
         }
         if !self.gate.pin(tag) {
             return false;
         }
-        words[w] |= b;
-        self.pinned.set(words);
+        self.pinned.borrow_mut().push(slot);
         true
     }
 
@@ -640,14 +701,8 @@ impl Drop for Batch<'_> {
             }
             self.gate.unpin(log.tag.slot);
         }
-        let words = self.pinned.get();
-        for (w, &word) in words.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                self.gate.unpin(w * 64 + b);
-                bits &= bits - 1;
-            }
+        for slot in self.pinned.borrow().iter() {
+            self.gate.unpin(usize::from(slot));
         }
         self.gate.leave();
     }

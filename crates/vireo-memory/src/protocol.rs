@@ -17,7 +17,7 @@
 //!   Written only by the invalidator (two `fetch_add`s per invalidation).
 //! * `RegionTag::retiring`: set once, by the invalidator, before it quiesces.
 //! * `Gate::state`: `2 * batches + active`; odd while the reader is inside a batch. Written only
-//!   by the reader.
+//!   by the reader. Also the futex word an invalidator sleeps on (`Gate::waiters` counts them).
 //! * `Gate::pins[slot]`: how many batch or I/O pins the reader holds on the region in `slot`.
 //! * `Gate::cache_valid` / `Gate::cache_ids`: whether the reader's cached translation may be used,
 //!   and the ids of the regions it points into.
@@ -71,11 +71,17 @@
 //! takes while it waits. Readers never wait for the invalidator: a fill that collides falls back
 //! to the translating path for that batch.
 
-use crate::sync::{fence, wait_step, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
+use crate::sync::{fence, futex_wait, futex_wake, wait_step, yield_now, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 /// The most translations one gate's cache holds (a split ring has 3, a packed ring 3).
 pub const MAX_CACHED: usize = 4;
+
+/// How many times the invalidator spins on a busy batch before it sleeps on the futex.
+#[cfg(not(vireo_loom))]
+const SPIN_BEFORE_SLEEP: u32 = 512;
+#[cfg(vireo_loom)]
+const SPIN_BEFORE_SLEEP: u32 = 0;
 
 /// What the protocol knows of a region (or of a dirty log): a slot that readers pin, a unique id
 /// that caches record, and the flag that turns new pins away once retirement has begun.
@@ -103,7 +109,10 @@ impl RegionTag {
 /// One queue's side of the protocol.
 #[derive(Debug)]
 pub struct Gate {
-    state: AtomicU64,
+    /// `2 * batches + active`, wrapping; also the futex word waiters sleep on.
+    state: AtomicU32,
+    /// How many invalidators sleep on `state` (so that `leave` knows to wake them).
+    waiters: AtomicU32,
     pins: Box<[AtomicU32]>,
     cache_valid: AtomicBool,
     cache_ids: [AtomicU64; MAX_CACHED],
@@ -112,7 +121,8 @@ pub struct Gate {
 impl Gate {
     fn new(num_slots: usize) -> Self {
         Self {
-            state: AtomicU64::new(0),
+            state: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
             pins: (0..num_slots).map(|_| AtomicU32::new(0)).collect(),
             cache_valid: AtomicBool::new(false),
             cache_ids: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -145,6 +155,17 @@ impl Gate {
         // invalidator does after seeing the batch end.
         let s = self.state.load(Relaxed);
         self.state.store(s.wrapping_add(1), Release);
+        // Dekker with `wait_batch_boundary`'s "waiters += 1, fence, load `state`, sleep": either
+        // the sleeper sees the new state and does not sleep, or this load sees it and wakes it.
+        fence(SeqCst);
+        if self.waiters.load(Relaxed) != 0 {
+            futex_wake(&self.state);
+            // When busy readers fill every core, the woken invalidator has no core to run on
+            // until the scheduler takes one from a reader, possibly mid-batch of another gate it
+            // must then wait for. Handing over this core at a batch boundary is what bounds the
+            // oversubscribed case (BENCHMARKS.md).
+            yield_now();
+        }
     }
 
     /// Reader: pins `tag`'s slot for an access. `false` means the region is being retired: do not
@@ -231,11 +252,23 @@ impl Gate {
         if s % 2 == 0 {
             return;
         }
-        let mut round = 0;
+        let mut round = 0u32;
         // Acquire: pairs with the Release store in `leave`.
         while self.state.load(Acquire) == s {
-            wait_step(round);
-            round = round.saturating_add(1);
+            // A running reader ends a batch within a microsecond or so: spin that long. Longer
+            // means it is descheduled mid-batch; sleeping on the futex hands it our core, and
+            // its `leave` wakes us.
+            if round < SPIN_BEFORE_SLEEP {
+                std::hint::spin_loop();
+                round += 1;
+                continue;
+            }
+            self.waiters.fetch_add(1, Relaxed);
+            fence(SeqCst);
+            if self.state.load(Relaxed) == s {
+                futex_wait(&self.state, s);
+            }
+            self.waiters.fetch_sub(1, Relaxed);
         }
     }
 
@@ -265,6 +298,9 @@ impl Gate {
         if pin.load(Acquire) == 0 {
             return;
         }
+        // Batch pins go when the batch ends, so wait for that on the futex first; what remains
+        // is held by I/O in flight, which is polled.
+        self.wait_batch_boundary();
         let mut round = 0;
         // Acquire: pairs with the Release in `unpin`.
         while pin.load(Acquire) != 0 {

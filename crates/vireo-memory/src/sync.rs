@@ -36,3 +36,37 @@ pub(crate) fn wait_step(round: u32) {
 pub(crate) fn wait_step(_round: u32) {
     loom::thread::yield_now();
 }
+
+/// Sleeps while `word` holds `expected` (a futex wait), for at most a millisecond: the wake-up is
+/// an optimisation, the caller re-checks its condition in a loop either way.
+#[cfg(not(vireo_loom))]
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
+    let timeout = rustix::thread::futex::Timespec { tv_sec: 0, tv_nsec: 1_000_000 };
+    // Errors (EAGAIN: the value changed already; EINTR; ETIMEDOUT) all mean "look again".
+    let _ = rustix::thread::futex::wait(word, rustix::thread::futex::Flags::PRIVATE, expected, Some(&timeout));
+}
+
+/// Wakes every thread sleeping in [`futex_wait`] on `word`.
+#[cfg(not(vireo_loom))]
+pub(crate) fn futex_wake(word: &AtomicU32) {
+    let _ = rustix::thread::futex::wake(word, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
+}
+
+#[cfg(vireo_loom)]
+pub(crate) fn futex_wait(_word: &AtomicU32, _expected: u32) {
+    loom::thread::yield_now();
+}
+
+#[cfg(vireo_loom)]
+pub(crate) fn futex_wake(_word: &AtomicU32) {}
+
+/// Gives up the core to another runnable thread.
+#[cfg(not(vireo_loom))]
+pub(crate) fn yield_now() {
+    std::thread::yield_now();
+}
+
+#[cfg(vireo_loom)]
+pub(crate) fn yield_now() {
+    loom::thread::yield_now();
+}

@@ -1,0 +1,19 @@
+use std::os::fd::AsFd;
+fn main() {
+    let fd = vireo_memory::memfd("p", 1 << 20).unwrap();
+    let mem = vireo_memory::GuestMemory::new(vireo_memory::RetireMode::Unmap);
+    mem.set_regions(&[vireo_memory::RegionSpec {
+        gpa: vireo_memory::GuestPhysAddr::new(0),
+        size: 1 << 20,
+        user_addr: vireo_memory::UserAddr::new(0),
+        fd: fd.as_fd(),
+        fd_offset: 0,
+    }])
+    .unwrap();
+    let mut q = mem.register_queue();
+    let ring = [(vireo_memory::GuestPhysAddr::new(0x1000), 4096u64)];
+    for _ in 0..100_000 {
+        let b = q.batch(&ring);
+        std::hint::black_box(b.cached().map(|c| c[0].len()));
+    }
+}
