@@ -36,6 +36,7 @@ pub mod guest;
 pub mod map;
 pub mod mmap;
 pub mod protocol;
+pub mod stress;
 mod sync;
 
 pub use access::GuestSlice;

@@ -46,15 +46,3 @@ impl Backing {
         buf
     }
 }
-
-/// Resident set size of this process in bytes.
-pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("rss field");
-    pages * 4096
-}
-
-/// Number of mappings of this process.
-pub fn map_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps").expect("maps").lines().count()
-}
