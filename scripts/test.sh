@@ -19,10 +19,9 @@ fi
 cargo test --workspace --doc
 
 echo "== loom models of the invalidation protocol"
-# The preemption bound is 3: every model finishes in well under a minute with it, and each
-# mutation of the protocol we tried (no read_retry, no retiring check, no pin wait, Relaxed where
-# loom asked for Acquire/Release) fails at bound 2 already. Separate target dir: the cfg changes
-# every crate's build.
+# The preemption bound is 3: every model finishes in seconds with it, and each mutation of the
+# protocol we tried (no read_retry, no retiring check, no pin wait, a Relaxed store where loom
+# asked for Release) fails at that bound. Separate target dir: the cfg changes every crate's build.
 start=$(date +%s)
 RUSTFLAGS="--cfg vireo_loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" CARGO_TARGET_DIR=target/loom \
   cargo test --release -p vireo-memory --test loom_protocol

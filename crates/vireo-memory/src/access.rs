@@ -236,3 +236,52 @@ unsafe fn volatile_copy_to_guest(src: &[u8], dst: *mut u8) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_slice(f: impl FnOnce(GuestSlice<'_>)) {
+        let mut backing = vec![0u64; 8];
+        let ptr = NonNull::new(backing.as_mut_ptr().cast::<u8>()).unwrap();
+        // SAFETY: `backing` outlives the closure and is 64 bytes long.
+        f(unsafe { GuestSlice::new(ptr, 64) });
+    }
+
+    #[test]
+    fn accesses_are_bounds_checked() {
+        with_slice(|s| {
+            s.write::<u64>(56, 7).unwrap();
+            assert_eq!(s.read::<u64>(56).unwrap(), 7);
+            assert!(matches!(s.read::<u64>(57), Err(MemoryError::OutOfBounds { offset: 57, len: 8, size: 64 })));
+            assert!(s.read::<u8>(usize::MAX).is_err());
+            assert!(s.subslice(60, 8).is_err());
+            assert!(s.subslice(usize::MAX, 2).is_err());
+            assert!(s.copy_from(60, &[1; 5]).is_err());
+        });
+    }
+
+    #[test]
+    fn misaligned_plain_access_works_and_atomic_access_is_refused() {
+        with_slice(|s| {
+            s.write::<u32>(3, 0xdead_beef).unwrap();
+            assert_eq!(s.read::<u32>(3).unwrap(), 0xdead_beef);
+            assert!(matches!(s.load_u16(1, Ordering::Acquire), Err(MemoryError::Misaligned { offset: 1, width: 2 })));
+            s.store_u16(2, 0x1234, Ordering::Release).unwrap();
+            assert_eq!(s.load_u16(2, Ordering::Acquire).unwrap(), 0x1234);
+        });
+    }
+
+    #[test]
+    fn copies_cross_word_boundaries_exactly() {
+        with_slice(|s| {
+            let src: Vec<u8> = (1..=37).collect();
+            s.copy_from(5, &src).unwrap();
+            let mut back = vec![0u8; 37];
+            s.copy_to(5, &mut back).unwrap();
+            assert_eq!(back, src);
+            assert_eq!(s.read::<u8>(4).unwrap(), 0);
+            assert_eq!(s.read::<u8>(42).unwrap(), 0);
+        });
+    }
+}

@@ -268,3 +268,19 @@ impl MemoryMap {
         (r.gpa == gpa && r.size == size && r.user_addr == user_addr).then_some(i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::last_at_or_below;
+
+    #[test]
+    fn search_finds_the_last_start_at_or_below() {
+        let starts = [0u64, 10, 20, 30, 40];
+        for x in 0..50 {
+            assert_eq!(last_at_or_below(&starts, x), Some((x / 10) as usize), "{x}");
+        }
+        assert_eq!(last_at_or_below(&starts[1..], 5), None);
+        assert_eq!(last_at_or_below(&[], 5), None);
+        assert_eq!(last_at_or_below(&[7], u64::MAX), Some(0));
+    }
+}
