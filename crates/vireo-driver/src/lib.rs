@@ -1,0 +1,16 @@
+//! The other side of a virtqueue: what a guest driver does.
+//!
+//! [`GuestRam`] is guest memory made of memfds, mapped by the driver for its own use and handed
+//! to a backend as region descriptions; [`SplitDriver`] and [`PackedDriver`] make buffers
+//! available and collect used ones exactly as a virtio driver does. Tests use them as the model
+//! driver; the userspace vhost-user driver builds on them.
+//!
+//! The driver trusts nothing the device writes either: used ids and lengths are checked.
+
+#![warn(missing_docs)]
+
+mod ram;
+mod virtq;
+
+pub use ram::{GuestRam, RamError};
+pub use virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};

@@ -1,0 +1,220 @@
+//! Descriptor chains as the device sees them: validated, and resolved into host segments.
+
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice};
+
+use crate::error::QueueError;
+
+/// A descriptor as it sits in a split descriptor table or an indirect table (virtio 1.x 2.7.5),
+/// or in a packed ring (2.8.13, where `next` is the buffer id and the flags have more bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Descriptor {
+    /// Guest physical address of the buffer (little endian).
+    pub addr: u64,
+    /// Length of the buffer (little endian).
+    pub len: u32,
+    /// Split: flags. Packed: the buffer id.
+    pub flags_or_id: u16,
+    /// Split: the next descriptor. Packed: the flags.
+    pub next_or_flags: u16,
+}
+
+/// VIRTQ_DESC_F_NEXT.
+pub const DESC_F_NEXT: u16 = 1;
+/// VIRTQ_DESC_F_WRITE.
+pub const DESC_F_WRITE: u16 = 2;
+/// VIRTQ_DESC_F_INDIRECT.
+pub const DESC_F_INDIRECT: u16 = 4;
+/// Packed: VIRTQ_DESC_F_AVAIL.
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+/// Packed: VIRTQ_DESC_F_USED.
+pub const DESC_F_USED: u16 = 1 << 15;
+
+/// The most entries an indirect table may have (the largest queue size virtio allows).
+pub const MAX_INDIRECT: u32 = 32768;
+
+/// One contiguous piece of a buffer in host memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawSeg {
+    pub host: usize,
+    pub len: u32,
+    pub gpa: u64,
+    pub writable: bool,
+}
+
+/// The segments of the chain being built, reused from chain to chain (no allocation once warm).
+#[derive(Debug, Default)]
+pub(crate) struct Segments {
+    pub segs: Vec<RawSeg>,
+    pub readable: u32,
+    pub writable: u32,
+    seen_writable: bool,
+}
+
+impl Segments {
+    pub fn clear(&mut self) {
+        self.segs.clear();
+        self.readable = 0;
+        self.writable = 0;
+        self.seen_writable = false;
+    }
+
+    /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split
+    /// where it crosses regions.
+    pub fn push(&mut self, mem: &Batch<'_>, head: u16, addr: u64, len: u32, writable: bool) -> Result<(), QueueError> {
+        if len == 0 {
+            return Err(QueueError::ZeroLength { head });
+        }
+        if writable {
+            self.seen_writable = true;
+            self.writable = self.writable.checked_add(len).ok_or(QueueError::LengthOverflow { head })?;
+        } else {
+            if self.seen_writable {
+                return Err(QueueError::ReadableAfterWritable { head });
+            }
+            self.readable = self.readable.checked_add(len).ok_or(QueueError::LengthOverflow { head })?;
+        }
+        self.readable.checked_add(self.writable).ok_or(QueueError::LengthOverflow { head })?;
+        let mut done = 0u32;
+        while done < len {
+            let gpa = addr.checked_add(u64::from(done)).ok_or_else(|| {
+                QueueError::mem(
+                    GuestPhysAddr::new(addr),
+                    u64::from(len),
+                    vireo_memory::MemoryError::Unmapped { gpa: GuestPhysAddr::new(addr), len: u64::from(len) },
+                )
+            })?;
+            let s = mem
+                .translate_prefix(GuestPhysAddr::new(gpa), u64::from(len - done))
+                .map_err(|e| QueueError::mem(GuestPhysAddr::new(gpa), u64::from(len - done), e))?;
+            // A piece is at most `len - done`, which fits u32.
+            let piece = u32::try_from(s.len()).unwrap_or(u32::MAX);
+            self.segs.push(RawSeg { host: s.as_ptr() as usize, len: piece, gpa, writable });
+            done += piece;
+        }
+        Ok(())
+    }
+}
+
+/// A popped descriptor chain: the device-readable part followed by the device-writable part,
+/// in host memory. Valid until the next `pop` or the end of the batch.
+#[derive(Debug)]
+pub struct Chain<'c> {
+    /// The id to complete the chain with (a split head index or a packed buffer id).
+    pub id: u16,
+    /// How many ring descriptors the chain used (what a packed queue advances by).
+    pub(crate) ring_descs: u16,
+    pub(crate) segs: &'c [RawSeg],
+    readable: u32,
+    writable: u32,
+}
+
+impl<'c> Chain<'c> {
+    pub(crate) fn new(id: u16, ring_descs: u16, s: &'c Segments) -> Self {
+        Self { id, ring_descs, segs: &s.segs, readable: s.readable, writable: s.writable }
+    }
+
+    /// Total bytes the device may read.
+    pub fn readable_len(&self) -> u32 {
+        self.readable
+    }
+
+    /// Total bytes the device may write.
+    pub fn writable_len(&self) -> u32 {
+        self.writable
+    }
+
+    /// The number of host segments.
+    pub fn segments(&self) -> usize {
+        self.segs.len()
+    }
+
+    /// Segment `i`: its guest address, whether the device may write it, and a view of it.
+    pub fn segment(&self, i: usize) -> Option<(GuestPhysAddr, bool, GuestSlice<'c>)> {
+        let s = self.segs.get(i)?;
+        let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
+        // SAFETY: the segment was translated and its region pinned by the batch this chain
+        // borrows from; the pin lasts until the batch ends, and `'c` cannot outlive it.
+        let view = unsafe { GuestSlice::new(ptr, s.len as usize) };
+        Some((GuestPhysAddr::new(s.gpa), s.writable, view))
+    }
+
+    /// The readable segments, in order.
+    pub fn readable(&self) -> impl Iterator<Item = GuestSlice<'c>> + '_ {
+        (0..self.segs.len()).filter_map(|i| self.segment(i)).filter(|s| !s.1).map(|s| s.2)
+    }
+
+    /// The writable segments, in order, with their guest addresses (for the dirty log).
+    pub fn writable(&self) -> impl Iterator<Item = (GuestPhysAddr, GuestSlice<'c>)> + '_ {
+        (0..self.segs.len()).filter_map(|i| self.segment(i)).filter(|s| s.1).map(|s| (s.0, s.2))
+    }
+
+    /// The segments as `iovec`s (base, len) for `readv`/`writev` or io_uring; the readable ones
+    /// first. Using the pointers is the caller's `unsafe`, valid while the chain's batch lives
+    /// or an `IoPin` holds each region.
+    pub fn iovecs(&self, out: &mut Vec<(usize, usize)>) {
+        out.extend(self.segs.iter().map(|s| (s.host, s.len as usize)));
+    }
+
+    /// Logs that the device wrote the first `written` bytes of the writable part (a no-op unless
+    /// dirty logging is on). `mem` is the batch's memory (`QueueBatch::memory`, taken before
+    /// popping). Call after writing and before the batch ends.
+    pub fn log_written(&self, mem: &Batch<'_>, written: u32) -> Result<(), QueueError> {
+        if !mem.logging() {
+            return Ok(());
+        }
+        let mut left = written;
+        for (gpa, s) in self.writable() {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u32::try_from(s.len()).unwrap_or(u32::MAX));
+            mem.log_write(gpa, u64::from(n)).map_err(|e| QueueError::mem(gpa, u64::from(n), e))?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// Copies the readable part, from byte `offset`, into `dst`; returns how much was copied.
+    pub fn read_at(&self, mut offset: usize, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        for s in self.readable() {
+            if done == dst.len() {
+                break;
+            }
+            if offset >= s.len() {
+                offset -= s.len();
+                continue;
+            }
+            let n = (s.len() - offset).min(dst.len() - done);
+            if s.copy_to(offset, &mut dst[done..done + n]).is_err() {
+                break;
+            }
+            done += n;
+            offset = 0;
+        }
+        done
+    }
+
+    /// Copies `src` into the writable part from byte `offset`; returns how much was copied.
+    /// The caller logs the write (`Chain::log_written`).
+    pub fn write_at(&self, mut offset: usize, src: &[u8]) -> usize {
+        let mut done = 0;
+        for (_, s) in self.writable() {
+            if done == src.len() {
+                break;
+            }
+            if offset >= s.len() {
+                offset -= s.len();
+                continue;
+            }
+            let n = (s.len() - offset).min(src.len() - done);
+            if s.copy_from(offset, &src[done..done + n]).is_err() {
+                break;
+            }
+            done += n;
+            offset = 0;
+        }
+        done
+    }
+}

@@ -1,0 +1,29 @@
+//! The device side of virtqueues (virtio 1.x, split 2.7 and packed 2.8), over the cached
+//! translations of `vireo-memory`.
+//!
+//! # Invariants, and where each is enforced
+//!
+//! * **Ring metadata goes through the cached direct views whenever the protocol allows**, and
+//!   through the translating path otherwise, with the same code (`rings.rs`: one walker,
+//!   monomorphized over `Direct` and `Translated`; `Queue::process` picks per batch).
+//! * **The guest is hostile** (`queue.rs`, `chain.rs`): every index is reduced modulo the queue
+//!   size or checked against it; chains are bounded by the queue size and indirect tables by their
+//!   length; loops, nested indirect tables, INDIRECT with NEXT, zero lengths, 32-bit length
+//!   overflow, readable-after-writable, addresses outside guest memory and an available index
+//!   that jumps by more than the queue size all break the queue with a typed [`QueueError`],
+//!   never a panic, and touch no other queue.
+//! * **Used elements are visible before the index (or flag) that publishes them**, and their
+//!   dirty-log bits are set before it too (`QueueBatch::finish`).
+
+#![warn(missing_docs)]
+
+mod chain;
+mod error;
+mod queue;
+mod rings;
+
+pub use chain::{
+    Chain, Descriptor, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
+};
+pub use error::QueueError;
+pub use queue::{vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, UsedToken, MAX_QUEUE_SIZE};

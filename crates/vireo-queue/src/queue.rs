@@ -1,0 +1,742 @@
+//! A virtqueue, split or packed, as the device sees it.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use vireo_memory::{Batch, GuestPhysAddr, QueueHandle, QueueMemory};
+
+use crate::chain::{
+    Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
+};
+use crate::error::QueueError;
+use crate::rings::{Area, Direct, Layout, RingAccess, Translated};
+
+/// The largest queue virtio allows.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Where a queue's rings are, in guest physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingAddrs {
+    /// Split virtqueue (virtio 1.x 2.7): descriptor table, available ring, used ring.
+    Split {
+        /// Descriptor table (16-byte aligned).
+        desc: GuestPhysAddr,
+        /// Available ring (2-byte aligned).
+        avail: GuestPhysAddr,
+        /// Used ring (4-byte aligned).
+        used: GuestPhysAddr,
+    },
+    /// Packed virtqueue (2.8): descriptor ring and the two event suppression areas.
+    Packed {
+        /// Descriptor ring (16-byte aligned).
+        desc: GuestPhysAddr,
+        /// Driver event suppression area (4-byte aligned).
+        driver: GuestPhysAddr,
+        /// Device event suppression area (4-byte aligned).
+        device: GuestPhysAddr,
+    },
+}
+
+/// How a queue is set up.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// Number of descriptors (a power of two for split queues), at most 32768.
+    pub size: u16,
+    /// Ring addresses.
+    pub addrs: RingAddrs,
+    /// VIRTIO_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// Where writes to the used ring (split) or descriptor ring (packed) are logged while dirty
+    /// logging is on (vhost-user's `log_guest_addr`); the ring's own address when `None`.
+    pub ring_log_addr: Option<GuestPhysAddr>,
+}
+
+/// The device's position in a queue, for stop/start and migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueState {
+    /// Next available entry the device will read (split: free-running; packed: ring slot).
+    pub next_avail: u16,
+    /// Next used entry the device will write (split: free-running; packed: ring slot).
+    pub next_used: u16,
+    /// Packed: the driver ring wrap counter the device expects.
+    pub avail_wrap: bool,
+    /// Packed: the device ring wrap counter.
+    pub used_wrap: bool,
+}
+
+/// What a completion needs to know about the chain it completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsedToken {
+    /// The chain's id (split head, packed buffer id).
+    pub id: u16,
+    /// How many ring descriptors the chain used (packed queues advance by it).
+    pub ring_descs: u16,
+}
+
+impl Chain<'_> {
+    /// What to pass to [`QueueBatch::add_used`] for this chain.
+    pub fn token(&self) -> UsedToken {
+        UsedToken { id: self.id, ring_descs: self.ring_descs }
+    }
+}
+
+#[derive(Debug)]
+enum Kind {
+    Split { avail_shadow: u16, used_known: bool },
+    Packed { first_used_flags: Option<(u16, u16)> },
+}
+
+/// A virtqueue: its configuration, the device's position, and its view of guest memory.
+#[derive(Debug)]
+pub struct Queue {
+    mem: QueueMemory,
+    cfg: QueueConfig,
+    layout: Layout,
+    state: QueueState,
+    kind: Kind,
+    segs: Segments,
+    broken: Option<Arc<QueueError>>,
+    /// The used index (split) or used position with wrap (packed) at the last notification
+    /// decision.
+    signalled: u16,
+}
+
+/// `slot + n` on a packed ring of `size` (`slot < size`, `n <= size`), and whether it wrapped.
+fn advance(slot: u16, n: u16, size: u16) -> (u16, bool) {
+    let next = u32::from(slot) + u32::from(n);
+    let size = u32::from(size);
+    let (next, wrapped) = if next >= size { (next - size, true) } else { (next, false) };
+    debug_assert!(next < size);
+    // next < size <= 32768.
+    (u16::try_from(next).unwrap_or(0), wrapped)
+}
+
+/// `vring_need_event` (virtio 1.x 2.7.10): whether moving the used index from `old` to `new`
+/// crossed `event`.
+#[inline]
+pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+fn check_area(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), QueueError> {
+    if gpa.raw() % align != 0 {
+        return Err(QueueError::Config { what: "ring area misaligned" });
+    }
+    if gpa.checked_add(len).is_none() {
+        return Err(QueueError::Config { what: "ring area wraps around" });
+    }
+    Ok(())
+}
+
+impl Queue {
+    /// A queue over `mem` with the rings `cfg` names, at position zero.
+    pub fn new(mem: QueueMemory, cfg: QueueConfig) -> Result<Self, QueueError> {
+        let size = u64::from(cfg.size);
+        if cfg.size == 0 || cfg.size > MAX_QUEUE_SIZE {
+            return Err(QueueError::Config { what: "queue size must be 1..=32768" });
+        }
+        let (layout, kind) = match cfg.addrs {
+            RingAddrs::Split { desc, avail, used } => {
+                if !cfg.size.is_power_of_two() {
+                    return Err(QueueError::Config { what: "split queue size must be a power of two" });
+                }
+                let lens = [16 * size, 6 + 2 * size, 6 + 8 * size];
+                check_area(desc, lens[0], 16)?;
+                check_area(avail, lens[1], 2)?;
+                check_area(used, lens[2], 4)?;
+                (Layout { gpa: [desc, avail, used], len: lens }, Kind::Split { avail_shadow: 0, used_known: false })
+            }
+            RingAddrs::Packed { desc, driver, device } => {
+                let lens = [16 * size, 4, 4];
+                check_area(desc, lens[0], 16)?;
+                check_area(driver, 4, 4)?;
+                check_area(device, 4, 4)?;
+                (Layout { gpa: [desc, driver, device], len: lens }, Kind::Packed { first_used_flags: None })
+            }
+        };
+        let state = QueueState { avail_wrap: true, used_wrap: true, ..QueueState::default() };
+        Ok(Self { mem, cfg, layout, state, kind, segs: Segments::default(), broken: None, signalled: 0 })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.cfg
+    }
+
+    /// Whether this is a packed queue.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.kind, Kind::Packed { .. })
+    }
+
+    /// The device's position.
+    pub fn state(&self) -> QueueState {
+        self.state
+    }
+
+    /// Restores a position (SET_VRING_BASE, or after migration). A split queue reads its used
+    /// index back from the used ring at its next batch.
+    pub fn set_state(&mut self, state: QueueState) {
+        self.state = state;
+        match &mut self.kind {
+            Kind::Split { avail_shadow, used_known } => {
+                *avail_shadow = state.next_avail;
+                *used_known = false;
+            }
+            Kind::Packed { first_used_flags } => *first_used_flags = None,
+        }
+        self.signalled = self.state.next_used;
+    }
+
+    /// GET_VRING_BASE's value: for a split queue the next available index; for a packed queue
+    /// bits 0-14 the next available slot, bit 15 its wrap counter, bits 16-30 the next used slot,
+    /// bit 31 its wrap counter.
+    pub fn vring_base(&self) -> u32 {
+        let s = self.state;
+        match self.kind {
+            Kind::Split { .. } => u32::from(s.next_avail),
+            Kind::Packed { .. } => {
+                let a = u32::from(s.next_avail & 0x7fff) | (u32::from(s.avail_wrap) << 15);
+                let u = u32::from(s.next_used & 0x7fff) | (u32::from(s.used_wrap) << 15);
+                a | (u << 16)
+            }
+        }
+    }
+
+    /// SET_VRING_BASE: the inverse of [`Queue::vring_base`].
+    pub fn set_vring_base(&mut self, base: u32) -> Result<(), QueueError> {
+        let state = match self.kind {
+            // A split base is the low 16 bits; the used index comes from the used ring.
+            Kind::Split { .. } => QueueState { next_avail: (base & 0xffff) as u16, ..QueueState::default() },
+            Kind::Packed { .. } => {
+                let a = (base & 0x7fff) as u16;
+                let u = ((base >> 16) & 0x7fff) as u16;
+                if a >= self.cfg.size || u >= self.cfg.size {
+                    return Err(QueueError::Config { what: "packed vring base beyond the queue size" });
+                }
+                QueueState {
+                    next_avail: a,
+                    avail_wrap: base & (1 << 15) != 0,
+                    next_used: u,
+                    used_wrap: base & (1 << 31) != 0,
+                }
+            }
+        };
+        self.set_state(state);
+        Ok(())
+    }
+
+    /// Why the queue broke, if it did.
+    pub fn broken(&self) -> Option<&QueueError> {
+        self.broken.as_deref()
+    }
+
+    /// The control side's handle on this queue's memory (to quiesce it).
+    pub fn memory_handle(&self) -> QueueHandle {
+        self.mem.handle()
+    }
+
+    /// Forces the translating path (tests and measurements of the fallback).
+    pub fn set_force_translating(&mut self, on: bool) {
+        self.mem.set_force_translating(on);
+    }
+
+    fn ranges(&self) -> [(GuestPhysAddr, u64); 3] {
+        [0, 1, 2].map(|i| (self.layout.gpa[i], self.layout.len[i]))
+    }
+
+    /// Runs one batch of work on the queue: `f` pops chains and adds used elements through the
+    /// [`QueueBatch`]; when it returns, the used index is published (dirty log flushed first)
+    /// and the result says whether the driver must be notified.
+    pub fn process<R>(&mut self, f: impl FnOnce(&mut QueueBatch<'_, '_>) -> R) -> Result<(R, bool), QueueError> {
+        if let Some(e) = &self.broken {
+            return Err(QueueError::Broken(e.clone()));
+        }
+        let ranges = self.ranges();
+        let layout = self.layout;
+        let mb = self.mem.batch(&ranges);
+        let access = match mb.cached() {
+            Some(c) => Access::Direct(Direct { areas: [c[0], c[1], c[2]], layout }),
+            None => Access::Translated(Translated { batch: &mb, layout }),
+        };
+        let mut qb = QueueBatch {
+            mem: &mb,
+            access,
+            cfg: &self.cfg,
+            layout,
+            state: &mut self.state,
+            kind: &mut self.kind,
+            segs: &mut self.segs,
+            broken: &mut self.broken,
+            signalled: &mut self.signalled,
+            used_added: 0,
+            batch_used_start: 0,
+        };
+        let r = f(&mut qb);
+        let notify = qb.finish()?;
+        Ok((r, notify))
+    }
+}
+
+enum Access<'b, 'q> {
+    Direct(Direct<'b>),
+    Translated(Translated<'b, 'q>),
+}
+
+/// One batch of work on a queue (see [`Queue::process`]).
+pub struct QueueBatch<'b, 'q> {
+    mem: &'b Batch<'q>,
+    access: Access<'b, 'q>,
+    cfg: &'b QueueConfig,
+    layout: Layout,
+    state: &'b mut QueueState,
+    kind: &'b mut Kind,
+    segs: &'b mut Segments,
+    broken: &'b mut Option<Arc<QueueError>>,
+    signalled: &'b mut u16,
+    used_added: u16,
+    batch_used_start: u16,
+}
+
+macro_rules! with_access {
+    ($self:ident, $r:ident => $body:expr) => {
+        match &$self.access {
+            Access::Direct(d) => {
+                let $r = d;
+                $body
+            }
+            Access::Translated(t) => {
+                let $r = t;
+                $body
+            }
+        }
+    };
+}
+
+const SPLIT_F_NO_NOTIFY: u16 = 1; // VIRTQ_USED_F_NO_NOTIFY
+const SPLIT_F_NO_INTERRUPT: u16 = 1; // VIRTQ_AVAIL_F_NO_INTERRUPT
+const EVENT_ENABLE: u16 = 0; // RING_EVENT_FLAGS_ENABLE
+const EVENT_DISABLE: u16 = 1; // RING_EVENT_FLAGS_DISABLE
+const EVENT_DESC: u16 = 2; // RING_EVENT_FLAGS_DESC
+
+impl<'b, 'q> QueueBatch<'b, 'q> {
+    /// Whether this batch reads the rings through cached direct pointers.
+    pub fn is_cached(&self) -> bool {
+        matches!(self.access, Access::Direct(_))
+    }
+
+    /// The memory batch, for the device's own buffer work (logging, I/O pins).
+    pub fn memory(&self) -> &'b Batch<'q> {
+        self.mem
+    }
+
+    fn fail(&mut self, e: QueueError) -> QueueError {
+        if let QueueError::Broken(_) = e {
+            return e;
+        }
+        tracing::warn!(error = %e, "virtqueue broken by the driver");
+        let e = Arc::new(e);
+        *self.broken = Some(e.clone());
+        QueueError::Broken(e)
+    }
+
+    /// Pops the next available chain, validated and resolved into host segments; `None` when
+    /// the driver has made nothing more available. An error breaks the queue.
+    pub fn pop(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
+        if let Some(e) = self.broken.as_ref() {
+            return Err(QueueError::Broken(e.clone()));
+        }
+        let res = match self.kind {
+            Kind::Split { .. } => {
+                with_access!(self, r => pop_split(r, self.mem, self.cfg.size, self.state, self.kind, self.segs))
+            }
+            Kind::Packed { .. } => {
+                with_access!(self, r => pop_packed(r, self.mem, self.cfg.size, self.state, self.segs))
+            }
+        };
+        match res {
+            Ok(Some((id, ring_descs))) => Ok(Some(Chain::new(id, ring_descs, self.segs))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn ensure_used_known(&mut self) -> Result<(), QueueError> {
+        if let Kind::Split { used_known, .. } = self.kind {
+            if !*used_known {
+                // After SET_VRING_BASE the used index is whatever the used ring says.
+                let idx = with_access!(self, r => r.load_u16(Area::Driver.min_used(), 2, Ordering::Acquire))?;
+                self.state.next_used = u16::from_le(idx);
+                *self.signalled = self.state.next_used;
+                *used_known = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes a chain: `len` bytes were written into its writable part. The used index is
+    /// published when the batch ends.
+    pub fn add_used(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
+        if let Some(e) = self.broken.as_ref() {
+            return Err(QueueError::Broken(e.clone()));
+        }
+        self.ensure_used_known()?;
+        if self.used_added == 0 {
+            self.batch_used_start = self.state.next_used;
+        }
+        let size = self.cfg.size;
+        let res = match self.kind {
+            Kind::Split { .. } => {
+                let slot = usize::from(self.state.next_used & (size - 1));
+                let off = 4 + 8 * slot;
+                let elem = (u64::from(len) << 32) | u64::from(token.id);
+                with_access!(self, r => r.write::<u64>(Area::Device, off, elem.to_le())).map(|()| {
+                    self.log_ring(Area::Device, off, 8);
+                    self.state.next_used = self.state.next_used.wrapping_add(1);
+                })
+            }
+            Kind::Packed { first_used_flags } => {
+                let slot = self.state.next_used;
+                let off = 16 * usize::from(slot);
+                let flags = if self.state.used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
+                let write = with_access!(self, r => {
+                    r.write::<u32>(Area::Desc, off + 8, len.to_le())?;
+                    r.write::<u16>(Area::Desc, off + 12, token.id.to_le())?;
+                    if first_used_flags.is_none() {
+                        // The first used descriptor of a batch is made visible last (2.8.21.2).
+                        *first_used_flags = Some((slot, flags));
+                        Ok(())
+                    } else {
+                        r.write::<u16>(Area::Desc, off + 14, flags.to_le())
+                    }
+                });
+                write.map(|()| {
+                    self.log_ring(Area::Desc, off + 8, 8);
+                    let (next, wrapped) = advance(slot, token.ring_descs.clamp(1, size), size);
+                    self.state.next_used = next;
+                    self.state.used_wrap ^= wrapped;
+                })
+            }
+        };
+        res.map_err(|e| self.fail(e))?;
+        self.used_added = self.used_added.wrapping_add(1);
+        Ok(())
+    }
+
+    fn log_ring(&self, area: Area, off: usize, len: u64) {
+        if !self.mem.logging() {
+            return;
+        }
+        let base = match (area, self.cfg.ring_log_addr) {
+            (Area::Device | Area::Desc, Some(log)) => log,
+            _ => self.layout.gpa[area as usize],
+        };
+        let gpa = GuestPhysAddr::new(base.raw().wrapping_add(off as u64));
+        if let Err(e) = self.mem.log_write(gpa, len) {
+            tracing::warn!(error = %e, %gpa, "ring write not logged");
+        }
+    }
+
+    /// Asks the driver to notify (kick) on new buffers, and says whether buffers arrived
+    /// meanwhile (then the caller should process again rather than sleep).
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        let size = self.cfg.size;
+        let res = match self.kind {
+            Kind::Split { .. } => with_access!(self, r => {
+                if self.cfg.event_idx {
+                    r.write::<u16>(Area::Device, 4 + 8 * usize::from(size), self.state.next_avail.to_le())?;
+                    self.log_ring(Area::Device, 4 + 8 * usize::from(size), 2);
+                } else {
+                    r.store_u16(Area::Device, 0, 0, Ordering::Relaxed)?;
+                    self.log_ring(Area::Device, 0, 2);
+                }
+                // Pairs with the driver's barrier between writing the available index and
+                // reading the used ring's flags / avail_event (2.7.13): one of us sees the other.
+                fence(Ordering::SeqCst);
+                let idx = u16::from_le(r.load_u16(Area::Driver, 2, Ordering::Acquire)?);
+                Ok(idx != self.state.next_avail)
+            }),
+            Kind::Packed { .. } => with_access!(self, r => {
+                if self.cfg.event_idx {
+                    let off_wrap = self.state.next_avail | (u16::from(self.state.avail_wrap) << 15);
+                    r.write::<u16>(Area::Device, 0, off_wrap.to_le())?;
+                    r.store_u16(Area::Device, 2, EVENT_DESC.to_le(), Ordering::Release)?;
+                } else {
+                    r.store_u16(Area::Device, 2, EVENT_ENABLE.to_le(), Ordering::Release)?;
+                }
+                // Pairs with the driver's barrier between making a descriptor available and
+                // reading the device event suppression area (2.8.21).
+                fence(Ordering::SeqCst);
+                packed_available(r, size, self.state).map(|d| d.is_some())
+            }),
+        };
+        res.map_err(|e| self.fail(e))
+    }
+
+    /// Asks the driver not to notify (the device polls).
+    pub fn disable_notification(&mut self) -> Result<(), QueueError> {
+        let res = match self.kind {
+            Kind::Split { .. } if self.cfg.event_idx => Ok(()),
+            Kind::Split { .. } => {
+                with_access!(self, r => r.store_u16(Area::Device, 0, SPLIT_F_NO_NOTIFY.to_le(), Ordering::Relaxed))
+            }
+            Kind::Packed { .. } => {
+                with_access!(self, r => r.store_u16(Area::Device, 2, EVENT_DISABLE.to_le(), Ordering::Relaxed))
+            }
+        };
+        res.map_err(|e| self.fail(e))
+    }
+
+    fn finish(mut self) -> Result<bool, QueueError> {
+        if self.used_added == 0 {
+            return Ok(false);
+        }
+        // Buffer and used-element bits go into the log before the index that exposes them.
+        self.mem.flush_log().map_err(|e| QueueError::mem(self.layout.gpa[2], 0, e))?;
+        let size = self.cfg.size;
+        let res = match self.kind {
+            Kind::Split { .. } => with_access!(self, r => {
+                // Release: pairs with the driver's read barrier after it reads the used index
+                // (2.7.14): the used elements written above are visible first.
+                r.store_u16(Area::Device, 2, self.state.next_used.to_le(), Ordering::Release)?;
+                self.log_ring(Area::Device, 2, 2);
+                fence(Ordering::SeqCst);
+                let (old, new) = (self.batch_used_start, self.state.next_used);
+                if self.cfg.event_idx {
+                    let event = u16::from_le(r.read::<u16>(Area::Driver, 4 + 2 * usize::from(size))?);
+                    Ok(vring_need_event(event, new, old))
+                } else {
+                    let flags = u16::from_le(r.load_u16(Area::Driver, 0, Ordering::Relaxed)?);
+                    Ok(flags & SPLIT_F_NO_INTERRUPT == 0)
+                }
+            }),
+            Kind::Packed { ref mut first_used_flags } => {
+                let first = first_used_flags.take();
+                with_access!(self, r => {
+                    if let Some((slot, flags)) = first {
+                        // Release: the used descriptors written in this batch become visible
+                        // before the first one's flags make them available to the driver.
+                        r.store_u16(Area::Desc, 16 * usize::from(slot) + 14, flags.to_le(), Ordering::Release)?;
+                    }
+                    fence(Ordering::SeqCst);
+                    let flags = u16::from_le(r.load_u16(Area::Driver, 2, Ordering::Acquire)?);
+                    match flags {
+                        EVENT_DISABLE => Ok(false),
+                        EVENT_DESC if self.cfg.event_idx => {
+                            let off_wrap = u16::from_le(r.read::<u16>(Area::Driver, 0)?);
+                            Ok(packed_need_event(off_wrap, size, *self.signalled, self.state.next_used, self.state.used_wrap))
+                        }
+                        _ => Ok(true),
+                    }
+                })
+            }
+        };
+        let notify = res.map_err(|e| self.fail(e))?;
+        if matches!(self.kind, Kind::Packed { .. }) {
+            let off = 16 * usize::from(self.batch_used_start) + 14;
+            self.log_ring(Area::Desc, off, 2);
+        }
+        self.mem.flush_log().map_err(|e| QueueError::mem(self.layout.gpa[2], 0, e))?;
+        *self.signalled = self.state.next_used;
+        Ok(notify)
+    }
+}
+
+impl Area {
+    /// The split used ring is the device area.
+    const fn min_used(self) -> Area {
+        Area::Device
+    }
+}
+
+/// Whether moving the used position from `old` to `new` (slots, as QEMU keeps them) passed the
+/// driver's event offset `off_wrap` (2.8.10): an offset from the other lap counts one ring size
+/// back. Slots that wrapped in the batch make the distance look huge, which errs on the side of
+/// notifying.
+fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, used_wrap: bool) -> bool {
+    let mut off = off_wrap & 0x7fff;
+    if (off_wrap & 0x8000 != 0) != used_wrap {
+        off = off.wrapping_sub(size);
+    }
+    vring_need_event(off, new, old)
+}
+
+fn read_desc<R: RingAccess>(r: &R, index: u16) -> Result<Descriptor, QueueError> {
+    let d: Descriptor = r.read(Area::Desc, 16 * usize::from(index))?;
+    Ok(Descriptor {
+        addr: u64::from_le(d.addr),
+        len: u32::from_le(d.len),
+        flags_or_id: u16::from_le(d.flags_or_id),
+        next_or_flags: u16::from_le(d.next_or_flags),
+    })
+}
+
+/// Reads entry `i` of an indirect table at `addr` (through the translating path: tables live in
+/// buffer memory, not in the cached rings).
+fn read_indirect(mem: &Batch<'_>, addr: u64, i: u32) -> Result<Descriptor, QueueError> {
+    let gpa = GuestPhysAddr::new(addr.wrapping_add(16 * u64::from(i)));
+    let s = mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
+    let d: Descriptor = s.read(0).map_err(|e| QueueError::mem(gpa, 16, e))?;
+    Ok(Descriptor {
+        addr: u64::from_le(d.addr),
+        len: u32::from_le(d.len),
+        flags_or_id: u16::from_le(d.flags_or_id),
+        next_or_flags: u16::from_le(d.next_or_flags),
+    })
+}
+
+fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
+    if d.len == 0 || d.len % 16 != 0 {
+        return Err(QueueError::Indirect { head, what: "table length is not a non-zero multiple of 16" });
+    }
+    let n = d.len / 16;
+    if n > MAX_INDIRECT {
+        return Err(QueueError::Indirect { head, what: "table longer than 32768 entries" });
+    }
+    if d.addr.checked_add(u64::from(d.len)).is_none() {
+        return Err(QueueError::Indirect { head, what: "table wraps around" });
+    }
+    Ok(n)
+}
+
+fn pop_split<R: RingAccess>(
+    r: &R,
+    mem: &Batch<'_>,
+    size: u16,
+    state: &mut QueueState,
+    kind: &mut Kind,
+    segs: &mut Segments,
+) -> Result<Option<(u16, u16)>, QueueError> {
+    let Kind::Split { avail_shadow, .. } = kind else { return Ok(None) };
+    if state.next_avail == *avail_shadow {
+        // Acquire: pairs with the driver's write barrier before it updates the available index
+        // (virtio 1.x 2.7.13): the ring entries and descriptors it made available are visible.
+        let idx = u16::from_le(r.load_u16(Area::Driver, 2, Ordering::Acquire)?);
+        let pending = idx.wrapping_sub(state.next_avail);
+        if pending > size {
+            return Err(QueueError::AvailIdxJump { last: state.next_avail, now: idx, size });
+        }
+        if pending == 0 {
+            return Ok(None);
+        }
+        *avail_shadow = idx;
+    }
+    let slot = usize::from(state.next_avail & (size - 1));
+    let head = u16::from_le(r.read::<u16>(Area::Driver, 4 + 2 * slot)?);
+    if head >= size {
+        return Err(QueueError::DescIndex { index: u32::from(head), size: u32::from(size) });
+    }
+    segs.clear();
+    let mut index = head;
+    let mut count = 0u32;
+    loop {
+        count += 1;
+        if count > u32::from(size) {
+            return Err(QueueError::ChainTooLong { head, limit: u32::from(size) });
+        }
+        let d = read_desc(r, index)?;
+        let flags = d.flags_or_id;
+        if flags & DESC_F_INDIRECT != 0 {
+            if flags & DESC_F_NEXT != 0 {
+                return Err(QueueError::Indirect { head, what: "indirect descriptor with NEXT" });
+            }
+            let n = indirect_entries(head, &d)?;
+            let mut j = 0u32;
+            let mut steps = 0u32;
+            loop {
+                steps += 1;
+                if steps > n {
+                    return Err(QueueError::ChainTooLong { head, limit: n });
+                }
+                let t = read_indirect(mem, d.addr, j)?;
+                if t.flags_or_id & DESC_F_INDIRECT != 0 {
+                    return Err(QueueError::Indirect { head, what: "nested indirect table" });
+                }
+                segs.push(mem, head, t.addr, t.len, t.flags_or_id & DESC_F_WRITE != 0)?;
+                if t.flags_or_id & DESC_F_NEXT == 0 {
+                    break;
+                }
+                j = u32::from(t.next_or_flags);
+                if j >= n {
+                    return Err(QueueError::DescIndex { index: j, size: n });
+                }
+            }
+            break;
+        }
+        segs.push(mem, head, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
+        if flags & DESC_F_NEXT == 0 {
+            break;
+        }
+        index = d.next_or_flags;
+        if index >= size {
+            return Err(QueueError::DescIndex { index: u32::from(index), size: u32::from(size) });
+        }
+    }
+    state.next_avail = state.next_avail.wrapping_add(1);
+    Ok(Some((head, 1)))
+}
+
+/// The descriptor at the device's next available slot, if the driver has made it available.
+fn packed_available<R: RingAccess>(r: &R, size: u16, state: &QueueState) -> Result<Option<u16>, QueueError> {
+    let _ = size;
+    // Acquire: pairs with the driver's write barrier before it sets the head's flags
+    // (2.8.21.1): the descriptor's other fields, and the rest of the chain, are visible.
+    let flags = u16::from_le(r.load_u16(Area::Desc, 16 * usize::from(state.next_avail) + 14, Ordering::Acquire)?);
+    let avail = flags & DESC_F_AVAIL != 0;
+    let used = flags & DESC_F_USED != 0;
+    Ok((avail == state.avail_wrap && used != state.avail_wrap).then_some(flags))
+}
+
+fn pop_packed<R: RingAccess>(
+    r: &R,
+    mem: &Batch<'_>,
+    size: u16,
+    state: &mut QueueState,
+    segs: &mut Segments,
+) -> Result<Option<(u16, u16)>, QueueError> {
+    if state.next_avail >= size {
+        return Err(QueueError::DescIndex { index: u32::from(state.next_avail), size: u32::from(size) });
+    }
+    if packed_available(r, size, state)?.is_none() {
+        return Ok(None);
+    }
+    segs.clear();
+    let head_slot = state.next_avail;
+    let mut slot = head_slot;
+    let mut count = 0u16;
+    let id;
+    loop {
+        let d = read_desc(r, slot)?;
+        let (buf_id, flags) = (d.flags_or_id, d.next_or_flags);
+        count += 1;
+        if flags & DESC_F_INDIRECT != 0 {
+            if count != 1 || flags & DESC_F_NEXT != 0 {
+                return Err(QueueError::Indirect { head: buf_id, what: "indirect descriptor inside a chain" });
+            }
+            let n = indirect_entries(buf_id, &d)?;
+            for j in 0..n {
+                let t = read_indirect(mem, d.addr, j)?;
+                // In a packed indirect table the second u16 holds the flags.
+                let tflags = t.next_or_flags;
+                if tflags & DESC_F_INDIRECT != 0 {
+                    return Err(QueueError::Indirect { head: buf_id, what: "nested indirect table" });
+                }
+                segs.push(mem, buf_id, t.addr, t.len, tflags & DESC_F_WRITE != 0)?;
+            }
+            id = buf_id;
+            break;
+        }
+        segs.push(mem, buf_id, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
+        if flags & DESC_F_NEXT == 0 {
+            id = buf_id;
+            break;
+        }
+        if count >= size {
+            return Err(QueueError::ChainTooLong { head: buf_id, limit: u32::from(size) });
+        }
+        slot = if slot + 1 == size { 0 } else { slot + 1 };
+    }
+    let (next, wrapped) = advance(head_slot, count, size);
+    state.next_avail = next;
+    state.avail_wrap ^= wrapped;
+    Ok(Some((id, count)))
+}
