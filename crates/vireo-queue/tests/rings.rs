@@ -1,4 +1,5 @@
 //! The device side of split and packed queues against the model driver: chains in and out,
+#![allow(clippy::cast_possible_truncation)] // small test values
 //! direct and indirect, out-of-order completion, wrap-around, state save/restore, and the
 //! translating path.
 
