@@ -7,6 +7,7 @@
 
 mod harness;
 mod memory;
+mod queue;
 
 use clap::{Parser, Subcommand};
 
@@ -27,12 +28,15 @@ struct Cli {
 enum Bench {
     /// Address translation vs vm-memory, the protocol's read side, invalidation latency.
     Memory,
+    /// Per-chain cost of pop + walk + add used vs virtio-queue and a raw-pointer loop.
+    Queue,
 }
 
 fn main() {
     let cli = Cli::parse();
     let out = match cli.bench {
         Bench::Memory => memory::run(cli.quick),
+        Bench::Queue => queue::run(cli.quick),
     };
     if cli.json {
         println!("{out}");

@@ -84,6 +84,11 @@ impl GuestRam {
             .collect()
     }
 
+    /// Each region's guest address, size and file (for a peer that maps the same memory itself).
+    pub fn files(&self) -> Vec<(GuestPhysAddr, u64, std::os::fd::BorrowedFd<'_>)> {
+        self.regions.iter().map(|r| (GuestPhysAddr::new(r.gpa), r.size, r.fd.as_fd())).collect()
+    }
+
     /// Allocates `len` bytes aligned to `align` (a power of two), zeroed. An allocation may run
     /// on into the next region when the two are adjacent in guest physical memory (a ring that
     /// straddles two regions, as a guest may place it); otherwise it moves on to the next region.

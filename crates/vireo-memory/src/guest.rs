@@ -6,7 +6,7 @@
 //! frontend after the call has made the reply the barrier: no thread touches the retired mapping
 //! any more, and the mapping is gone (or `PROT_NONE` in the test mode).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
@@ -418,6 +418,7 @@ impl QueueMemory {
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
             pinned: RefCell::new(PinList::default()),
+            last: Cell::new(None),
             cache_hit,
             log,
             log_cache: RefCell::new(&mut self.log_cache),
@@ -503,6 +504,15 @@ fn pin_log(
     None
 }
 
+/// A region this batch has translated into (and pinned).
+#[derive(Debug, Clone, Copy)]
+struct LastRegion {
+    gpa: u64,
+    len: u64,
+    host: usize,
+    slot: usize,
+}
+
 /// The slots a batch has pinned. A batch usually touches one or two regions, so they live
 /// inline; a batch that scatters over more spills to the heap.
 #[derive(Debug, Default)]
@@ -540,6 +550,9 @@ pub struct Batch<'q> {
     /// cache line between workers) when a region turns out to be retiring.
     map: RefCell<&'q mut StdArc<MemoryMap>>,
     pinned: RefCell<PinList>,
+    /// The region of the last translation, already pinned for this batch: buffers of one batch
+    /// almost always fall in the same region, and then translating is two compares.
+    last: Cell<Option<LastRegion>>,
     /// Whether the cached translation serves this batch.
     cache_hit: bool,
     log: Option<StdArc<DirtyLog>>,
@@ -587,13 +600,44 @@ impl<'q> Batch<'q> {
 
     /// Translates `len` bytes at `gpa`, which must lie in one region, and pins that region for the
     /// rest of the batch.
+    #[inline]
     pub fn translate(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
+        if let Some(s) = self.translate_last(gpa, len, false) {
+            return Ok(s);
+        }
         self.translate_inner(gpa, len, false).map(|(s, _)| s)
+    }
+
+    /// The fast path: `gpa` in the region this batch translated into last.
+    #[inline]
+    fn translate_last(&self, gpa: GuestPhysAddr, len: u64, prefix: bool) -> Option<GuestSlice<'_>> {
+        let last = self.last.get()?;
+        let off = gpa.raw().wrapping_sub(last.gpa);
+        if off >= last.len {
+            return None;
+        }
+        let avail = last.len - off;
+        let take = if len <= avail {
+            len
+        } else if prefix {
+            avail
+        } else {
+            return None;
+        };
+        let ptr = NonNull::new((last.host + usize::try_from(off).ok()?) as *mut u8)?;
+        // SAFETY: `last` describes a region this batch pinned (it is only set after a successful
+        // pin, and cleared when the batch changes maps), so it stays mapped until the batch ends;
+        // `off + take <= last.len`; the slice borrows the batch.
+        Some(unsafe { GuestSlice::new(ptr, usize::try_from(take).ok()?) })
     }
 
     /// Like [`Batch::translate`], but a range that spans regions yields its first part only; the
     /// length of what was translated is the slice's length.
+    #[inline]
     pub fn translate_prefix(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
+        if let Some(s) = self.translate_last(gpa, len, true) {
+            return Ok(s);
+        }
         self.translate_inner(gpa, len, true).map(|(s, _)| s)
     }
 
@@ -612,10 +656,20 @@ impl<'q> Batch<'q> {
                 let map = self.map.borrow();
                 let t = map.translate(gpa).ok_or(MemoryError::Unmapped { gpa, len })?;
                 let pinned = self.pin_index(t.index, &map);
-                (t, pinned, map.region(t.index).slot())
+                let r = map.region(t.index);
+                if pinned {
+                    self.last.set(Some(LastRegion {
+                        gpa: r.gpa().raw(),
+                        len: r.size(),
+                        host: r.mapping.as_ptr() as usize,
+                        slot: r.slot(),
+                    }));
+                }
+                (t, pinned, r.slot())
             };
             if !pinned {
                 // Being retired: its replacement (if any) is already published.
+                self.last.set(None);
                 **self.map.borrow_mut() = lock(&self.shared.current).clone();
                 continue;
             }
@@ -662,6 +716,7 @@ impl<'q> Batch<'q> {
     }
 
     /// Whether this batch logs writes.
+    #[inline]
     pub fn logging(&self) -> bool {
         self.log.is_some()
     }
@@ -687,7 +742,10 @@ impl<'q> Batch<'q> {
     /// region holding `gpa` is not retired until the pin is dropped. The batch must already hold
     /// the region pinned (any translation of `gpa` in this batch did that).
     pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
-        let (_, slot) = self.translate_inner(gpa, 1, false)?;
+        let slot = match self.last.get() {
+            Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => l.slot,
+            _ => self.translate_inner(gpa, 1, false)?.1,
+        };
         self.gate.pin_again(slot);
         Ok(IoPin { gate: self.gate.clone(), slot })
     }

@@ -61,6 +61,7 @@ impl Segments {
 
     /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split
     /// where it crosses regions.
+    #[inline]
     pub fn push(&mut self, mem: &Batch<'_>, head: u16, addr: u64, len: u32, writable: bool) -> Result<(), QueueError> {
         if len == 0 {
             return Err(QueueError::ZeroLength { head });
@@ -75,6 +76,17 @@ impl Segments {
             self.readable = self.readable.checked_add(len).ok_or(QueueError::LengthOverflow { head })?;
         }
         self.readable.checked_add(self.writable).ok_or(QueueError::LengthOverflow { head })?;
+        // The common case: the whole buffer in one region.
+        if let Ok(s) = mem.translate(GuestPhysAddr::new(addr), u64::from(len)) {
+            self.segs.push(RawSeg { host: s.as_ptr() as usize, len, gpa: addr, writable });
+            return Ok(());
+        }
+        self.push_split(mem, addr, len, writable)
+    }
+
+    /// A buffer that crosses regions (or is not backed at all).
+    #[cold]
+    fn push_split(&mut self, mem: &Batch<'_>, addr: u64, len: u32, writable: bool) -> Result<(), QueueError> {
         let mut done = 0u32;
         while done < len {
             let gpa = addr.checked_add(u64::from(done)).ok_or_else(|| {

@@ -39,8 +39,9 @@ pub enum QueueError {
     Memory {
         gpa: GuestPhysAddr,
         len: u64,
+        /// Boxed: keeps the error, and every `Result` on the data path, small.
         #[source]
-        source: MemoryError,
+        source: Box<MemoryError>,
     },
     /// A used element for a head that is not in flight.
     #[error("completion for descriptor {id}, which is not in flight")]
@@ -51,7 +52,8 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    #[cold]
     pub(crate) fn mem(gpa: GuestPhysAddr, len: u64, source: MemoryError) -> Self {
-        Self::Memory { gpa, len, source }
+        Self::Memory { gpa, len, source: Box::new(source) }
     }
 }

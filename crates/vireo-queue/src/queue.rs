@@ -247,6 +247,7 @@ impl Queue {
     /// Runs one batch of work on the queue: `f` pops chains and adds used elements through the
     /// [`QueueBatch`]; when it returns, the used index is published (dirty log flushed first)
     /// and the result says whether the driver must be notified.
+    #[inline(never)]
     pub fn process<R>(&mut self, f: impl FnOnce(&mut QueueBatch<'_, '_>) -> R) -> Result<(R, bool), QueueError> {
         if let Some(e) = &self.broken {
             return Err(QueueError::Broken(e.clone()));
@@ -270,6 +271,7 @@ impl Queue {
             signalled: &mut self.signalled,
             used_added: 0,
             batch_used_start: 0,
+            logging: mb.logging(),
         };
         let r = f(&mut qb);
         let notify = qb.finish()?;
@@ -295,6 +297,8 @@ pub struct QueueBatch<'b, 'q> {
     signalled: &'b mut u16,
     used_added: u16,
     batch_used_start: u16,
+    /// Whether this batch logs (read once: logging cannot change under a running batch).
+    logging: bool,
 }
 
 macro_rules! with_access {
@@ -329,6 +333,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         self.mem
     }
 
+    #[cold]
     fn fail(&mut self, e: QueueError) -> QueueError {
         if let QueueError::Broken(_) = e {
             return e;
@@ -341,6 +346,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     /// Pops the next available chain, validated and resolved into host segments; `None` when
     /// the driver has made nothing more available. An error breaks the queue.
+    #[inline]
     pub fn pop(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
         if let Some(e) = self.broken.as_ref() {
             return Err(QueueError::Broken(e.clone()));
@@ -360,6 +366,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         }
     }
 
+    #[inline]
     fn ensure_used_known(&mut self) -> Result<(), QueueError> {
         if let Kind::Split { used_known, .. } = self.kind {
             if !*used_known {
@@ -375,6 +382,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     /// Completes a chain: `len` bytes were written into its writable part. The used index is
     /// published when the batch ends.
+    #[inline]
     pub fn add_used(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
         if let Some(e) = self.broken.as_ref() {
             return Err(QueueError::Broken(e.clone()));
@@ -422,10 +430,15 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         Ok(())
     }
 
+    #[inline]
     fn log_ring(&self, area: Area, off: usize, len: u64) {
-        if !self.mem.logging() {
-            return;
+        if self.logging {
+            self.log_ring_slow(area, off, len);
         }
+    }
+
+    #[cold]
+    fn log_ring_slow(&self, area: Area, off: usize, len: u64) {
         let base = match (area, self.cfg.ring_log_addr) {
             (Area::Device | Area::Desc, Some(log)) => log,
             _ => self.layout.gpa[area as usize],
@@ -560,6 +573,7 @@ fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, used_wrap: bo
     vring_need_event(off, new, old)
 }
 
+#[inline]
 fn read_desc<R: RingAccess>(r: &R, index: u16) -> Result<Descriptor, QueueError> {
     let d: Descriptor = r.read(Area::Desc, 16 * usize::from(index))?;
     Ok(Descriptor {
@@ -598,6 +612,7 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
     Ok(n)
 }
 
+#[inline]
 fn pop_split<R: RingAccess>(
     r: &R,
     mem: &Batch<'_>,
@@ -676,6 +691,7 @@ fn pop_split<R: RingAccess>(
 }
 
 /// The descriptor at the device's next available slot, if the driver has made it available.
+#[inline]
 fn packed_available<R: RingAccess>(r: &R, size: u16, state: &QueueState) -> Result<Option<u16>, QueueError> {
     let _ = size;
     // Acquire: pairs with the driver's write barrier before it sets the head's flags
@@ -686,6 +702,7 @@ fn packed_available<R: RingAccess>(r: &R, size: u16, state: &QueueState) -> Resu
     Ok((avail == state.avail_wrap && used != state.avail_wrap).then_some(flags))
 }
 
+#[inline]
 fn pop_packed<R: RingAccess>(
     r: &R,
     mem: &Batch<'_>,
