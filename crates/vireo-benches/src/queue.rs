@@ -122,7 +122,11 @@ impl Rig {
     fn rings(&mut self) -> Rings {
         let n = u64::from(SIZE);
         let (desc_a, avail, used) = if self.case.packed {
-            (self.ram.alloc(16 * n, 16).expect("ring"), self.ram.alloc(4, 4).expect("ring"), self.ram.alloc(4, 4).expect("ring"))
+            (
+                self.ram.alloc(16 * n, 16).expect("ring"),
+                self.ram.alloc(4, 4).expect("ring"),
+                self.ram.alloc(4, 4).expect("ring"),
+            )
         } else {
             (
                 self.ram.alloc(16 * n, 16).expect("ring"),
@@ -193,7 +197,8 @@ fn vireo_queue(mem: &GuestMemory, rig: &Rig, r: &Rings) -> Queue {
     } else {
         RingAddrs::Split { desc: r.desc, avail: r.avail, used: r.used }
     };
-    Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true, ring_log_addr: None }).expect("queue")
+    Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true, ring_log_addr: None })
+        .expect("queue")
 }
 
 fn vireo_batch(q: &mut Queue, chains: u16) {
@@ -403,4 +408,3 @@ pub fn run(quick: bool) -> Value {
         .collect();
     json!({ "queue_size": SIZE, "buffer_bytes": BUF, "cases": cases })
 }
-

@@ -600,7 +600,7 @@ impl<'q> Batch<'q> {
 
     /// Translates `len` bytes at `gpa`, which must lie in one region, and pins that region for the
     /// rest of the batch.
-    #[inline]
+    #[inline(always)]
     pub fn translate(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
         if let Some(s) = self.translate_last(gpa, len, false) {
             return Ok(s);
@@ -609,7 +609,7 @@ impl<'q> Batch<'q> {
     }
 
     /// The fast path: `gpa` in the region this batch translated into last.
-    #[inline]
+    #[inline(always)]
     fn translate_last(&self, gpa: GuestPhysAddr, len: u64, prefix: bool) -> Option<GuestSlice<'_>> {
         let last = self.last.get()?;
         let off = gpa.raw().wrapping_sub(last.gpa);

@@ -61,7 +61,7 @@ impl Segments {
 
     /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split
     /// where it crosses regions.
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, mem: &Batch<'_>, head: u16, addr: u64, len: u32, writable: bool) -> Result<(), QueueError> {
         if len == 0 {
             return Err(QueueError::ZeroLength { head });

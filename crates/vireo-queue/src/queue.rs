@@ -254,9 +254,11 @@ impl Queue {
         }
         let ranges = self.ranges();
         let layout = self.layout;
+        let align = if self.is_packed() { [16, 4, 4] } else { [16, 2, 4] };
         let mb = self.mem.batch(&ranges);
-        let access = match mb.cached() {
-            Some(c) => Access::Direct(Direct { areas: [c[0], c[1], c[2]], layout }),
+        let direct = mb.cached().and_then(|c| Direct::new([c[0], c[1], c[2]], layout, align));
+        let access = match direct {
+            Some(d) => Access::Direct(d),
             None => Access::Translated(Translated { batch: &mb, layout }),
         };
         let mut qb = QueueBatch {
@@ -346,7 +348,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     /// Pops the next available chain, validated and resolved into host segments; `None` when
     /// the driver has made nothing more available. An error breaks the queue.
-    #[inline]
+    #[inline(always)]
     pub fn pop(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
         if let Some(e) = self.broken.as_ref() {
             return Err(QueueError::Broken(e.clone()));
@@ -382,13 +384,13 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     /// Completes a chain: `len` bytes were written into its writable part. The used index is
     /// published when the batch ends.
-    #[inline]
+    #[inline(always)]
     pub fn add_used(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
         if let Some(e) = self.broken.as_ref() {
             return Err(QueueError::Broken(e.clone()));
         }
-        self.ensure_used_known()?;
         if self.used_added == 0 {
+            self.ensure_used_known()?;
             self.batch_used_start = self.state.next_used;
         }
         let size = self.cfg.size;
@@ -396,8 +398,12 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             Kind::Split { .. } => {
                 let slot = usize::from(self.state.next_used & (size - 1));
                 let off = 4 + 8 * slot;
-                let elem = (u64::from(len) << 32) | u64::from(token.id);
-                with_access!(self, r => r.write::<u64>(Area::Device, off, elem.to_le())).map(|()| {
+                // Two aligned 32-bit stores: a used element sits at a 4-byte boundary.
+                with_access!(self, r => {
+                    r.write::<u32>(Area::Device, off, u32::from(token.id).to_le())?;
+                    r.write::<u32>(Area::Device, off + 4, len.to_le())
+                })
+                .map(|()| {
                     self.log_ring(Area::Device, off, 8);
                     self.state.next_used = self.state.next_used.wrapping_add(1);
                 })
@@ -584,18 +590,37 @@ fn read_desc<R: RingAccess>(r: &R, index: u16) -> Result<Descriptor, QueueError>
     })
 }
 
-/// Reads entry `i` of an indirect table at `addr` (through the translating path: tables live in
-/// buffer memory, not in the cached rings).
-fn read_indirect(mem: &Batch<'_>, addr: u64, i: u32) -> Result<Descriptor, QueueError> {
-    let gpa = GuestPhysAddr::new(addr.wrapping_add(16 * u64::from(i)));
-    let s = mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
-    let d: Descriptor = s.read(0).map_err(|e| QueueError::mem(gpa, 16, e))?;
-    Ok(Descriptor {
-        addr: u64::from_le(d.addr),
-        len: u32::from_le(d.len),
-        flags_or_id: u16::from_le(d.flags_or_id),
-        next_or_flags: u16::from_le(d.next_or_flags),
-    })
+/// An indirect table: translated once when it lies in one region (the usual case), entry by
+/// entry otherwise. Tables live in buffer memory, not in the cached rings.
+struct Table<'m, 'q> {
+    mem: &'m Batch<'q>,
+    addr: u64,
+    whole: Option<vireo_memory::GuestSlice<'m>>,
+}
+
+impl<'m, 'q> Table<'m, 'q> {
+    fn new(mem: &'m Batch<'q>, addr: u64, len: u32) -> Self {
+        Self { mem, addr, whole: mem.translate(GuestPhysAddr::new(addr), u64::from(len)).ok() }
+    }
+
+    #[inline]
+    fn entry(&self, i: u32) -> Result<Descriptor, QueueError> {
+        let off = 16 * u64::from(i);
+        let gpa = GuestPhysAddr::new(self.addr.wrapping_add(off));
+        let d: Descriptor = match &self.whole {
+            Some(t) => t.read(usize::try_from(off).unwrap_or(usize::MAX)).map_err(|e| QueueError::mem(gpa, 16, e))?,
+            None => {
+                let s = self.mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
+                s.read(0).map_err(|e| QueueError::mem(gpa, 16, e))?
+            }
+        };
+        Ok(Descriptor {
+            addr: u64::from_le(d.addr),
+            len: u32::from_le(d.len),
+            flags_or_id: u16::from_le(d.flags_or_id),
+            next_or_flags: u16::from_le(d.next_or_flags),
+        })
+    }
 }
 
 fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
@@ -612,7 +637,7 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
     Ok(n)
 }
 
-#[inline]
+#[inline(always)]
 fn pop_split<R: RingAccess>(
     r: &R,
     mem: &Batch<'_>,
@@ -655,6 +680,7 @@ fn pop_split<R: RingAccess>(
                 return Err(QueueError::Indirect { head, what: "indirect descriptor with NEXT" });
             }
             let n = indirect_entries(head, &d)?;
+            let table = Table::new(mem, d.addr, d.len);
             let mut j = 0u32;
             let mut steps = 0u32;
             loop {
@@ -662,7 +688,7 @@ fn pop_split<R: RingAccess>(
                 if steps > n {
                     return Err(QueueError::ChainTooLong { head, limit: n });
                 }
-                let t = read_indirect(mem, d.addr, j)?;
+                let t = table.entry(j)?;
                 if t.flags_or_id & DESC_F_INDIRECT != 0 {
                     return Err(QueueError::Indirect { head, what: "nested indirect table" });
                 }
@@ -730,8 +756,9 @@ fn pop_packed<R: RingAccess>(
                 return Err(QueueError::Indirect { head: buf_id, what: "indirect descriptor inside a chain" });
             }
             let n = indirect_entries(buf_id, &d)?;
+            let table = Table::new(mem, d.addr, d.len);
             for j in 0..n {
-                let t = read_indirect(mem, d.addr, j)?;
+                let t = table.entry(j)?;
                 // In a packed indirect table the second u16 holds the flags.
                 let tflags = t.next_or_flags;
                 if tflags & DESC_F_INDIRECT != 0 {

@@ -41,34 +41,89 @@ impl Layout {
 }
 
 /// The cached path: three direct views, valid for the batch.
+///
+/// Accesses are plain volatile loads and stores at `base + off` after one compare against the
+/// area's length: the walkers only form offsets from indices already reduced modulo the queue
+/// size or checked against it, so the compare never fails in practice, and the areas were
+/// checked at least as long as the layout when the batch began (`Direct::new`).
 pub(crate) struct Direct<'b> {
-    pub areas: [GuestSlice<'b>; 3],
+    base: [*mut u8; 3],
+    len: [usize; 3],
     pub layout: Layout,
+    _views: std::marker::PhantomData<GuestSlice<'b>>,
 }
 
-impl Direct<'_> {
-    #[inline]
-    fn err(&self, area: Area, off: usize, len: usize, e: vireo_memory::MemoryError) -> QueueError {
-        QueueError::mem(self.layout.at(area, off), len as u64, e)
+impl<'b> Direct<'b> {
+    /// `None` when a cached view is shorter than the layout needs, or its host address is not
+    /// aligned as the ring requires (a frontend's byte-granular `mmap_offset` can do that): then
+    /// the batch translates. `align` is each area's alignment; the walkers only use offsets that
+    /// are multiples of the element they access, so aligned bases keep every access aligned.
+    pub fn new(views: [GuestSlice<'b>; 3], layout: Layout, align: [usize; 3]) -> Option<Self> {
+        for ((v, &need), a) in views.iter().zip(layout.len.iter()).zip(align) {
+            if (v.len() as u64) < need || (v.as_ptr() as usize) % a != 0 {
+                return None;
+            }
+        }
+        Some(Self {
+            base: views.map(|v| v.as_ptr()),
+            len: views.map(|v| v.len()),
+            layout,
+            _views: std::marker::PhantomData,
+        })
+    }
+
+    #[inline(always)]
+    fn ptr<T>(&self, area: Area, off: usize) -> Result<*mut T, QueueError> {
+        let i = area as usize;
+        let p = self.base[i].wrapping_add(off);
+        // Alignment holds by construction (aligned bases, element-multiple offsets; see `new`).
+        debug_assert_eq!((p as usize) % align_of::<T>(), 0);
+        if off.checked_add(size_of::<T>()).is_some_and(|end| end <= self.len[i]) {
+            Ok(p.cast())
+        } else {
+            Err(self.err(area, off, size_of::<T>()))
+        }
+    }
+
+    #[cold]
+    fn err(&self, area: Area, off: usize, len: usize) -> QueueError {
+        QueueError::mem(
+            self.layout.at(area, off),
+            len as u64,
+            vireo_memory::MemoryError::OutOfBounds { offset: off, len, size: self.len[area as usize] },
+        )
     }
 }
 
 impl RingAccess for Direct<'_> {
-    #[inline]
+    #[inline(always)]
     fn read<T: Pod>(&self, area: Area, off: usize) -> Result<T, QueueError> {
-        self.areas[area as usize].read(off).map_err(|e| self.err(area, off, size_of::<T>(), e))
+        let p = self.ptr::<T>(area, off)?;
+        // SAFETY: in bounds (checked in `ptr`) and aligned (by construction, see `new`; the
+        // offsets the walkers use for a `T` are multiples of its alignment); the view is mapped for the batch
+        // (`'b`, the batch's cached translation); T is Pod, so any bytes the guest left are a T.
+        Ok(unsafe { p.read_volatile() })
     }
-    #[inline]
+    #[inline(always)]
     fn write<T: Pod>(&self, area: Area, off: usize, v: T) -> Result<(), QueueError> {
-        self.areas[area as usize].write(off, v).map_err(|e| self.err(area, off, size_of::<T>(), e))
+        let p = self.ptr::<T>(area, off)?;
+        // SAFETY: as in `read`; the rings are writable shared memory.
+        unsafe { p.write_volatile(v) };
+        Ok(())
     }
-    #[inline]
+    #[inline(always)]
     fn load_u16(&self, area: Area, off: usize, order: Ordering) -> Result<u16, QueueError> {
-        self.areas[area as usize].load_u16(off, order).map_err(|e| self.err(area, off, 2, e))
+        let p = self.ptr::<u16>(area, off)?;
+        // SAFETY: as in `read`; an atomic reference for one operation, see vireo-memory's
+        // access.rs for why that is sound on shared memory.
+        Ok(unsafe { std::sync::atomic::AtomicU16::from_ptr(p) }.load(order))
     }
-    #[inline]
+    #[inline(always)]
     fn store_u16(&self, area: Area, off: usize, v: u16, order: Ordering) -> Result<(), QueueError> {
-        self.areas[area as usize].store_u16(off, v, order).map_err(|e| self.err(area, off, 2, e))
+        let p = self.ptr::<u16>(area, off)?;
+        // SAFETY: as in `load_u16`.
+        unsafe { std::sync::atomic::AtomicU16::from_ptr(p) }.store(v, order);
+        Ok(())
     }
 }
 

@@ -36,7 +36,12 @@ fn split_case(setup: impl FnOnce(&Bench, GuestPhysAddr, GuestPhysAddr, u64), ava
     let (gd, ga, gu) = good.addrs();
     let mut q2 = Queue::new(
         b.mem.register_queue(),
-        QueueConfig { size: SIZE, addrs: RingAddrs::Split { desc: gd, avail: ga, used: gu }, event_idx: false, ring_log_addr: None },
+        QueueConfig {
+            size: SIZE,
+            addrs: RingAddrs::Split { desc: gd, avail: ga, used: gu },
+            event_idx: false,
+            ring_log_addr: None,
+        },
     )
     .unwrap();
 

@@ -21,8 +21,11 @@ fn setup(event_idx: bool) -> Setup {
     mem.set_regions(&ram.specs()).unwrap();
     let drv = SplitDriver::new(&mut ram, 64).unwrap();
     let (desc, avail, used) = drv.addrs();
-    let q = Queue::new(mem.register_queue(), QueueConfig { size: 64, addrs: RingAddrs::Split { desc, avail, used }, event_idx, ring_log_addr: None })
-        .unwrap();
+    let q = Queue::new(
+        mem.register_queue(),
+        QueueConfig { size: 64, addrs: RingAddrs::Split { desc, avail, used }, event_idx, ring_log_addr: None },
+    )
+    .unwrap();
     let gpa = ram.alloc(64, 8).unwrap();
     Setup { ram, _mem: mem, drv, q, w: Buffer { gpa, len: 64, writable: true } }
 }
@@ -33,9 +36,8 @@ fn round(s: &mut Setup, n: u16) -> bool {
         s.drv.add(&s.ram, &[s.w]).unwrap();
     }
     s.drv.publish(&s.ram, true).unwrap();
-    let ((), notify) = s
-        .q
-        .process(|qb| {
+    let ((), notify) =
+        s.q.process(|qb| {
             let mut tokens = Vec::new();
             while let Some(c) = qb.pop().unwrap() {
                 tokens.push(c.token());
