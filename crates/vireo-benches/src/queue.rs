@@ -231,7 +231,7 @@ impl Raw {
     /// The rings and buffers of `rig` lie in the mapping at `self.base`.
     unsafe fn split_batch(&mut self, r: (GuestPhysAddr, GuestPhysAddr, GuestPhysAddr)) {
         let (base, n) = (self.base, u64::from(SIZE));
-        // SAFETY (whole block): every address is a ring or buffer address of `rig`, inside the
+        // SAFETY: every address is a ring or buffer address of the rig, inside the
         // mapping at `base`; this loop trusts the driver completely, which is its point.
         unsafe {
             let table = base.add(r.0.raw() as usize);

@@ -1,7 +1,7 @@
 //! Profiling aid for the cached split path: 128,000 one-descriptor chains popped and completed
-#![allow(clippy::cast_precision_loss)]
 //! in batches of 128, the device side timed. Under callgrind it gives instructions per chain:
 //! `valgrind --tool=callgrind target/release/examples/probe_pop`.
+#![allow(clippy::cast_precision_loss)]
 use vireo_driver::{Buffer, GuestRam, SplitDriver};
 use vireo_memory::{GuestMemory, RetireMode};
 use vireo_queue::{Queue, QueueConfig, RingAddrs, UsedToken};
