@@ -9,8 +9,10 @@
 
 #![warn(missing_docs)]
 
+pub mod blk;
 mod ram;
 mod virtq;
 
+pub use blk::{BlkDevice, BlkError, BlkOptions, Completion};
 pub use ram::{GuestRam, RamError};
 pub use virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};

@@ -84,6 +84,17 @@ impl GuestRam {
             .collect()
     }
 
+    /// The driver's own address of guest address `gpa` (vhost-user's "user address", which
+    /// SET_VRING_ADDR speaks in).
+    pub fn user_addr(&self, gpa: GuestPhysAddr) -> Result<u64, RamError> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| r.gpa <= gpa.raw() && gpa.raw() < r.gpa + r.size)
+            .ok_or(RamError::Outside { gpa, len: 0 })?;
+        Ok(r.map.as_ptr() as u64 + (gpa.raw() - r.gpa))
+    }
+
     /// Each region's guest address, size and file (for a peer that maps the same memory itself).
     pub fn files(&self) -> Vec<(GuestPhysAddr, u64, std::os::fd::BorrowedFd<'_>)> {
         self.regions.iter().map(|r| (GuestPhysAddr::new(r.gpa), r.size, r.fd.as_fd())).collect()

@@ -1,0 +1,511 @@
+//! A virtio-blk driver that talks vhost-user to a backend (Vireo, qemu-storage-daemon, SPDK):
+//! the frontend's negotiation and memory/ring set-up through rust-vmm's `vhost` crate, and the
+//! guest driver's requests through [`SplitDriver`]/[`PackedDriver`] on memfd guest RAM.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vireo_memory::GuestPhysAddr;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::ram::{GuestRam, RamError};
+use crate::virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};
+
+/// virtio-blk request types (virtio 1.x 5.2.6).
+pub mod req {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush the write cache.
+    pub const FLUSH: u32 = 4;
+    /// Device id string (20 bytes).
+    pub const GET_ID: u32 = 8;
+    /// Discard.
+    pub const DISCARD: u32 = 11;
+    /// Write zeroes.
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// virtio-blk status byte values.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error.
+    pub const IOERR: u8 = 1;
+    /// Unsupported request.
+    pub const UNSUPP: u8 = 2;
+}
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+
+/// Errors of the vhost-user block driver.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The vhost-user conversation failed.
+    #[error("vhost-user {what}: {source}")]
+    Vhost {
+        /// Which step.
+        what: &'static str,
+        /// The protocol error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// The ring.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// An eventfd or poll.
+    #[error("eventfd: {0}")]
+    Io(#[from] std::io::Error),
+    /// The backend lacks something the driver needs.
+    #[error("backend does not offer {0}")]
+    Missing(&'static str),
+    /// No completion within the timeout.
+    #[error("no completion from the backend within {0:?}")]
+    Timeout(Duration),
+    /// A request too large for the slot buffers.
+    #[error("request of {len} bytes exceeds the {max}-byte request buffers")]
+    TooLarge {
+        /// Bytes asked for.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+fn vh<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, BlkError> {
+    r.map_err(|source| BlkError::Vhost { what, source })
+}
+
+/// How to set the device up.
+#[derive(Clone, Debug)]
+pub struct BlkOptions {
+    /// Queues to use (at most what the backend offers).
+    pub num_queues: u16,
+    /// Descriptors per queue.
+    pub queue_size: u16,
+    /// Use packed rings (if the backend offers them).
+    pub packed: bool,
+    /// Negotiate EVENT_IDX (if offered).
+    pub event_idx: bool,
+    /// The largest request, in bytes (each request slot has a buffer this large).
+    pub max_request: usize,
+    /// Request slots per queue (the deepest queue depth).
+    pub slots: u16,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        Self { num_queues: 1, queue_size: 256, packed: false, event_idx: true, max_request: 128 << 10, slots: 128 }
+    }
+}
+
+enum Ring {
+    Split(SplitDriver),
+    Packed(PackedDriver),
+}
+
+/// One request slot: header, data and status in guest RAM.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    header: GuestPhysAddr,
+    data: GuestPhysAddr,
+    status: GuestPhysAddr,
+}
+
+struct BlkQueue {
+    ring: Ring,
+    kick: EventFd,
+    call: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Ring id of the chain in flight -> slot index.
+    by_id: Vec<Option<u16>>,
+    pending_kick: bool,
+}
+
+/// A finished request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The slot the request used.
+    pub slot: u16,
+    /// Its status byte.
+    pub status: u8,
+    /// Bytes the device wrote.
+    pub written: u32,
+}
+
+/// A vhost-user block device as seen from the guest side.
+pub struct BlkDevice {
+    fe: Frontend,
+    ram: GuestRam,
+    queues: Vec<BlkQueue>,
+    features: u64,
+    capacity: u64,
+    blk_size: u32,
+    max_request: usize,
+    event_idx: bool,
+}
+
+impl std::fmt::Debug for BlkDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkDevice").field("queues", &self.queues.len()).field("capacity", &self.capacity).finish()
+    }
+}
+
+impl BlkDevice {
+    /// Connects to the backend at `socket`, negotiates, maps guest RAM and starts the queues.
+    pub fn connect(socket: &Path, opts: &BlkOptions) -> Result<Self, BlkError> {
+        let mut fe = vh("connect", Frontend::connect(socket, u64::from(opts.num_queues.max(1))))?;
+        let offered = vh("GET_FEATURES", fe.get_features())?;
+        if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+            return Err(BlkError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
+        }
+        if offered & VIRTIO_F_VERSION_1 == 0 {
+            return Err(BlkError::Missing("VIRTIO_F_VERSION_1"));
+        }
+        let proto = vh("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
+        let want =
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        vh("SET_PROTOCOL_FEATURES", fe.set_protocol_features(proto & want))?;
+        let backend_queues =
+            if proto.contains(VhostUserProtocolFeatures::MQ) { vh("GET_QUEUE_NUM", fe.get_queue_num())? } else { 1 };
+        let num_queues = u64::from(opts.num_queues.max(1)).min(backend_queues);
+        vh("SET_OWNER", fe.set_owner())?;
+
+        let packed = opts.packed && offered & VIRTIO_F_RING_PACKED != 0;
+        let event_idx = opts.event_idx && offered & VIRTIO_RING_F_EVENT_IDX != 0;
+        if offered & VIRTIO_RING_F_INDIRECT_DESC == 0 {
+            return Err(BlkError::Missing("VIRTIO_RING_F_INDIRECT_DESC"));
+        }
+        let mut features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_RING_F_INDIRECT_DESC;
+        for f in [
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_BLK_F_RO,
+        ] {
+            features |= offered & f;
+        }
+        if packed {
+            features |= VIRTIO_F_RING_PACKED;
+        }
+        if event_idx {
+            features |= VIRTIO_RING_F_EVENT_IDX;
+        }
+
+        // Config space: capacity (sectors) at 0, blk_size at 20.
+        let cfg_len = 60u32;
+        let (_, cfg) =
+            vh("GET_CONFIG", fe.get_config(0, cfg_len, VhostUserConfigFlags::WRITABLE, &vec![0u8; cfg_len as usize]))?;
+        let capacity = u64::from_le_bytes(cfg[0..8].try_into().unwrap_or([0; 8]));
+        let blk_size = if features & VIRTIO_BLK_F_BLK_SIZE != 0 {
+            u32::from_le_bytes(cfg[20..24].try_into().unwrap_or([0; 4])).max(512)
+        } else {
+            512
+        };
+
+        // Guest RAM: the rings and, per queue, `slots` request slots.
+        let per_slot = (opts.max_request as u64).div_ceil(4096) * 4096 + 4096;
+        let ram_size = (num_queues * (u64::from(opts.slots) * per_slot + (1 << 20))).div_ceil(2 << 20) * (2 << 20);
+        let mut ram = GuestRam::new(&[(0, ram_size)])?;
+        vh("SET_FEATURES", fe.set_features(features))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = ram
+            .files()
+            .iter()
+            .map(|&(gpa, size, fd)| VhostUserMemoryRegionInfo {
+                guest_phys_addr: gpa.raw(),
+                memory_size: size,
+                userspace_addr: ram.user_addr(gpa).unwrap_or(0),
+                mmap_offset: 0,
+                mmap_handle: fd.as_raw_fd(),
+            })
+            .collect();
+        vh("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
+
+        let mut queues = Vec::new();
+        let num_queues = usize::try_from(num_queues).unwrap_or(1);
+        for qi in 0..num_queues {
+            let ring = if packed {
+                Ring::Packed(PackedDriver::new(&mut ram, opts.queue_size)?)
+            } else {
+                Ring::Split(SplitDriver::new(&mut ram, opts.queue_size)?)
+            };
+            let (d, a, u) = match &ring {
+                Ring::Split(r) => r.addrs(),
+                Ring::Packed(r) => r.addrs(),
+            };
+            let slots: Vec<Slot> = (0..opts.slots)
+                .map(|_| -> Result<Slot, BlkError> {
+                    let header = ram.alloc(16, 16)?;
+                    let status = ram.alloc(1, 1)?;
+                    let data = ram.alloc(opts.max_request as u64, 4096)?;
+                    Ok(Slot { header, data, status })
+                })
+                .collect::<Result<_, _>>()?;
+            vh("SET_VRING_NUM", fe.set_vring_num(qi, opts.queue_size))?;
+            vh("SET_VRING_BASE", fe.set_vring_base(qi, 0))?;
+            let cfg = VringConfigData {
+                queue_max_size: opts.queue_size,
+                queue_size: opts.queue_size,
+                flags: 0,
+                desc_table_addr: ram.user_addr(d)?,
+                used_ring_addr: ram.user_addr(u)?,
+                avail_ring_addr: ram.user_addr(a)?,
+                log_addr: None,
+            };
+            vh("SET_VRING_ADDR", fe.set_vring_addr(qi, &cfg))?;
+            let kick = EventFd::new(EFD_NONBLOCK)?;
+            let call = EventFd::new(EFD_NONBLOCK)?;
+            vh("SET_VRING_CALL", fe.set_vring_call(qi, &call))?;
+            vh("SET_VRING_KICK", fe.set_vring_kick(qi, &kick))?;
+            vh("SET_VRING_ENABLE", fe.set_vring_enable(qi, true))?;
+            let n = usize::from(opts.queue_size);
+            queues.push(BlkQueue {
+                ring,
+                kick,
+                call,
+                free: (0..opts.slots).rev().collect(),
+                slots,
+                by_id: vec![None; n],
+                pending_kick: false,
+            });
+        }
+        Ok(Self { fe, ram, queues, features, capacity, blk_size, max_request: opts.max_request, event_idx })
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The device's block size.
+    pub fn block_size(&self) -> u32 {
+        self.blk_size
+    }
+
+    /// Negotiated virtio features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether the backend accepts writes.
+    pub fn read_only(&self) -> bool {
+        self.features & VIRTIO_BLK_F_RO != 0
+    }
+
+    /// Number of queues in use.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Free request slots on queue `q`.
+    pub fn free_slots(&self, q: usize) -> usize {
+        self.queues.get(q).map_or(0, |x| x.free.len())
+    }
+
+    /// The data buffer of `slot` on queue `q` (what a read filled, what a write sends).
+    pub fn slot_data(&self, q: usize, slot: u16, len: usize) -> Result<Vec<u8>, BlkError> {
+        let s = self.queues[q].slots[usize::from(slot)];
+        let mut v = vec![0u8; len];
+        self.ram.read(s.data, &mut v)?;
+        Ok(v)
+    }
+
+    /// Queues a request on queue `q` (sent at the next [`BlkDevice::kick`]): `data` is written
+    /// into the slot for OUT/DISCARD/WRITE_ZEROES; `len` bytes are read back for IN/GET_ID.
+    pub fn submit(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<u16, BlkError> {
+        let max = self.max_request;
+        let dlen = data.map_or(len, <[u8]>::len);
+        let dlen32 = u32::try_from(dlen).map_err(|_| BlkError::TooLarge { len: dlen, max })?;
+        if dlen > max {
+            return Err(BlkError::TooLarge { len: dlen, max });
+        }
+        let queue = &mut self.queues[q];
+        let slot = queue.free.pop().ok_or(DriverError::Full { want: 1, free: 0 })?;
+        let s = queue.slots[usize::from(slot)];
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.ram.write(s.header, &hdr)?;
+        self.ram.write(s.status, &[0xff])?;
+        let mut bufs = vec![Buffer { gpa: s.header, len: 16, writable: false }];
+        let device_writes = matches!(kind, req::IN | req::GET_ID);
+        if let (Some(d), false) = (data, device_writes) {
+            self.ram.write(s.data, d)?;
+        }
+        if dlen > 0 && matches!(kind, req::OUT | req::DISCARD | req::WRITE_ZEROES | req::IN | req::GET_ID) {
+            bufs.push(Buffer { gpa: s.data, len: dlen32, writable: device_writes });
+        }
+        bufs.push(Buffer { gpa: s.status, len: 1, writable: true });
+        let id = match &mut queue.ring {
+            Ring::Split(r) => r.add_indirect(&mut self.ram, &bufs),
+            Ring::Packed(r) => r.add_indirect(&mut self.ram, &bufs),
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                queue.free.push(slot);
+                return Err(e.into());
+            }
+        };
+        queue.by_id[usize::from(id)] = Some(slot);
+        queue.pending_kick = true;
+        Ok(slot)
+    }
+
+    /// Publishes queued requests and notifies the backend if it wants to be.
+    pub fn kick(&mut self, q: usize) -> Result<(), BlkError> {
+        let queue = &mut self.queues[q];
+        if !queue.pending_kick {
+            return Ok(());
+        }
+        queue.pending_kick = false;
+        let notify = match &mut queue.ring {
+            Ring::Split(r) => r.publish(&self.ram, self.event_idx)?,
+            Ring::Packed(r) => r.publish(&self.ram)?,
+        };
+        if notify {
+            queue.kick.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Collects every completion the backend has published on queue `q` (no waiting).
+    pub fn poll(&mut self, q: usize, out: &mut Vec<Completion>) -> Result<usize, BlkError> {
+        let queue = &mut self.queues[q];
+        let mut n = 0;
+        loop {
+            let used: Option<UsedElem> = match &mut queue.ring {
+                Ring::Split(r) => r.pop_used(&self.ram)?,
+                Ring::Packed(r) => r.pop_used(&self.ram)?,
+            };
+            let Some(u) = used else { break };
+            let slot = queue.by_id.get_mut(usize::from(u.id)).and_then(Option::take);
+            let Some(slot) = slot else {
+                return Err(DriverError::BadUsedId { id: u32::from(u.id) }.into());
+            };
+            let mut st = [0u8; 1];
+            self.ram.read(queue.slots[usize::from(slot)].status, &mut st)?;
+            queue.free.push(slot);
+            out.push(Completion { slot, status: st[0], written: u.len });
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Waits up to `timeout` for completions on queue `q` (on its call eventfd).
+    pub fn wait(&mut self, q: usize, timeout: Duration, out: &mut Vec<Completion>) -> Result<usize, BlkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.poll(q, out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BlkError::Timeout(timeout));
+            }
+            // Ask for an interrupt at the next completion (EVENT_IDX: used_event = what we have
+            // consumed), then look once more: a completion that landed in between would
+            // otherwise sleep until the timeout.
+            if let Ring::Split(r) = &self.queues[q].ring {
+                if self.event_idx {
+                    r.set_used_event(&self.ram, r.last_used())?;
+                }
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            }
+            let n = self.poll(q, out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            // SAFETY: the eventfd lives in `self.queues[q]` for the whole poll call.
+            let call = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.queues[q].call.as_raw_fd()) };
+            let mut fds = [rustix::event::PollFd::new(&call, rustix::event::PollFlags::IN)];
+            let ts = rustix::event::Timespec {
+                tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(BlkError::Io(e.into())),
+            }
+            // Drain the counter; a spurious wake-up just polls again.
+            let _ = self.queues[q].call.read();
+        }
+    }
+
+    /// Runs one request to completion on queue 0 and returns its status and the slot's data.
+    pub fn run_sync(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<(u8, Vec<u8>), BlkError> {
+        let slot = self.submit(0, kind, sector, data, len)?;
+        self.kick(0)?;
+        let mut done = Vec::new();
+        while !done.iter().any(|c: &Completion| c.slot == slot) {
+            self.wait(0, Duration::from_secs(10), &mut done)?;
+        }
+        let c = done.iter().find(|c| c.slot == slot).copied().ok_or(BlkError::Timeout(Duration::from_secs(10)))?;
+        let back = if matches!(kind, req::IN | req::GET_ID) { self.slot_data(0, slot, len)? } else { Vec::new() };
+        Ok((c.status, back))
+    }
+
+    /// Reads `len` bytes at `sector`.
+    pub fn read(&mut self, sector: u64, len: usize) -> Result<(u8, Vec<u8>), BlkError> {
+        self.run_sync(req::IN, sector, None, len)
+    }
+
+    /// Writes `data` at `sector`.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8, BlkError> {
+        self.run_sync(req::OUT, sector, Some(data), 0).map(|r| r.0)
+    }
+
+    /// Flushes the backend's write cache.
+    pub fn flush(&mut self) -> Result<u8, BlkError> {
+        self.run_sync(req::FLUSH, 0, None, 0).map(|r| r.0)
+    }
+
+    /// The device id string (GET_ID), without its trailing NULs.
+    pub fn get_id(&mut self) -> Result<(u8, String), BlkError> {
+        let (st, bytes) = self.run_sync(req::GET_ID, 0, None, 20)?;
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        Ok((st, String::from_utf8_lossy(&bytes[..end]).into_owned()))
+    }
+
+    /// The vhost-user connection (for tests that send more messages).
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.fe
+    }
+}
