@@ -46,6 +46,10 @@ const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// How long the driver waits for any vhost-user reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -110,11 +114,25 @@ pub struct BlkOptions {
     pub max_request: usize,
     /// Request slots per queue (the deepest queue depth).
     pub slots: u16,
+    /// Back guest RAM with huge pages.
+    pub hugepages: bool,
+    /// Negotiate LOG_SHMFD so that dirty logging can be switched on
+    /// ([`BlkDevice::start_dirty_log`]).
+    pub log_shmfd: bool,
 }
 
 impl Default for BlkOptions {
     fn default() -> Self {
-        Self { num_queues: 1, queue_size: 256, packed: false, event_idx: true, max_request: 128 << 10, slots: 128 }
+        Self {
+            num_queues: 1,
+            queue_size: 256,
+            packed: false,
+            event_idx: true,
+            max_request: 128 << 10,
+            slots: 128,
+            hugepages: false,
+            log_shmfd: false,
+        }
     }
 }
 
@@ -163,6 +181,8 @@ pub struct BlkDevice {
     blk_size: u32,
     max_request: usize,
     event_idx: bool,
+    /// The dirty log, once started: its memfd and size.
+    log: Option<(std::os::fd::OwnedFd, u64)>,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -174,7 +194,12 @@ impl std::fmt::Debug for BlkDevice {
 impl BlkDevice {
     /// Connects to the backend at `socket`, negotiates, maps guest RAM and starts the queues.
     pub fn connect(socket: &Path, opts: &BlkOptions) -> Result<Self, BlkError> {
-        let mut fe = vh("connect", Frontend::connect(socket, u64::from(opts.num_queues.max(1))))?;
+        // Our own socket, so that every reply has a deadline: a backend that never answers
+        // fails the call instead of hanging the driver.
+        let sock = std::os::unix::net::UnixStream::connect(socket)?;
+        sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let mut fe = Frontend::from_stream(sock, u64::from(opts.num_queues.max(1)));
         let offered = vh("GET_FEATURES", fe.get_features())?;
         if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err(BlkError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
@@ -183,8 +208,14 @@ impl BlkDevice {
             return Err(BlkError::Missing("VIRTIO_F_VERSION_1"));
         }
         let proto = vh("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
-        let want =
+        let mut want =
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        if opts.log_shmfd {
+            if !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
+            }
+            want |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         vh("SET_PROTOCOL_FEATURES", fe.set_protocol_features(proto & want))?;
         let backend_queues =
             if proto.contains(VhostUserProtocolFeatures::MQ) { vh("GET_QUEUE_NUM", fe.get_queue_num())? } else { 1 };
@@ -229,7 +260,7 @@ impl BlkDevice {
         // Guest RAM: the rings and, per queue, `slots` request slots.
         let per_slot = (opts.max_request as u64).div_ceil(4096) * 4096 + 4096;
         let ram_size = (num_queues * (u64::from(opts.slots) * per_slot + (1 << 20))).div_ceil(2 << 20) * (2 << 20);
-        let mut ram = GuestRam::new(&[(0, ram_size)])?;
+        let mut ram = GuestRam::with_pages(&[(0, ram_size)], opts.hugepages)?;
         vh("SET_FEATURES", fe.set_features(features))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = ram
             .files()
@@ -292,7 +323,99 @@ impl BlkDevice {
                 pending_kick: false,
             });
         }
-        Ok(Self { fe, ram, queues, features, capacity, blk_size, max_request: opts.max_request, event_idx })
+        Ok(Self { fe, ram, queues, features, capacity, blk_size, max_request: opts.max_request, event_idx, log: None })
+    }
+
+    fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        self.ram
+            .files()
+            .iter()
+            .map(|&(gpa, size, fd)| VhostUserMemoryRegionInfo {
+                guest_phys_addr: gpa.raw(),
+                memory_size: size,
+                userspace_addr: self.ram.user_addr(gpa).unwrap_or(0),
+                mmap_offset: 0,
+                mmap_handle: fd.as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// Sends the memory table again, as a frontend does when its memory layout changes: the
+    /// backend must remap under running queues. Returns how long the reply took.
+    pub fn resend_mem_table(&mut self) -> Result<Duration, BlkError> {
+        let regions = self.regions();
+        let t = Instant::now();
+        vh("SET_MEM_TABLE", self.fe.set_mem_table(&regions))?;
+        Ok(t.elapsed())
+    }
+
+    /// Switches dirty logging on: a log memfd (one bit per 4 KiB of guest RAM) through
+    /// SET_LOG_BASE, then VHOST_F_LOG_ALL. Needs `BlkOptions::log_shmfd`.
+    pub fn start_dirty_log(&mut self) -> Result<(), BlkError> {
+        let ram_bytes: u64 = self.ram.files().iter().map(|f| f.0.raw() + f.1).max().unwrap_or(0);
+        let log_bytes = ram_bytes.div_ceil(4096 * 8).div_ceil(4096) * 4096;
+        let fd = vireo_memory::memfd("vireo-dirty-log", log_bytes).map_err(BlkError::Io)?;
+        let region =
+            vhost::VhostUserDirtyLogRegion { mmap_size: log_bytes, mmap_offset: 0, mmap_handle: fd.as_raw_fd() };
+        vh("SET_LOG_BASE", self.fe.set_log_base(0, Some(region)))?;
+        vh("SET_FEATURES", self.fe.set_features(self.features | VHOST_F_LOG_ALL))?;
+        self.log = Some((fd, log_bytes));
+        Ok(())
+    }
+
+    /// The number of dirty pages in the log (reading it does not clear it).
+    pub fn dirty_pages(&self) -> Result<u64, BlkError> {
+        let Some((fd, len)) = &self.log else { return Ok(0) };
+        let mut buf = vec![0u8; usize::try_from(*len).unwrap_or(0)];
+        rustix::io::pread(fd, &mut buf, 0).map_err(|e| BlkError::Io(e.into()))?;
+        Ok(buf.iter().map(|b| u64::from(b.count_ones())).sum())
+    }
+
+    /// Waits up to `timeout` for completions on any queue; returns them with their queue.
+    pub fn wait_any(&mut self, timeout: Duration, out: &mut Vec<(usize, Completion)>) -> Result<usize, BlkError> {
+        let mut buf = Vec::new();
+        let collect = |dev: &mut Self, out: &mut Vec<(usize, Completion)>, buf: &mut Vec<Completion>| {
+            let mut n = 0;
+            for q in 0..dev.queues.len() {
+                buf.clear();
+                n += dev.poll(q, buf)?;
+                out.extend(buf.iter().map(|c| (q, *c)));
+            }
+            Ok::<usize, BlkError>(n)
+        };
+        let n = collect(self, out, &mut buf)?;
+        if n > 0 || timeout.is_zero() {
+            return Ok(n);
+        }
+        if self.event_idx {
+            for queue in &self.queues {
+                if let Ring::Split(r) = &queue.ring {
+                    r.set_used_event(&self.ram, r.last_used())?;
+                }
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+        let n = collect(self, out, &mut buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let raw: Vec<_> = self.queues.iter().map(|q| q.call.as_raw_fd()).collect();
+        // SAFETY: the eventfds live in `self.queues` for the whole poll call.
+        let borrowed: Vec<_> = raw.iter().map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).collect();
+        let mut fds: Vec<_> =
+            borrowed.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
+        let ts = rustix::event::Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(BlkError::Io(e.into())),
+        }
+        for q in &self.queues {
+            let _ = q.call.read();
+        }
+        collect(self, out, &mut buf)
     }
 
     /// Disk size in 512-byte sectors.

@@ -54,9 +54,25 @@ impl std::fmt::Debug for GuestRam {
 impl GuestRam {
     /// RAM made of regions `(gpa, size)`; allocation starts in the first.
     pub fn new(layout: &[(u64, u64)]) -> Result<Self, RamError> {
+        Self::with_pages(layout, false)
+    }
+
+    /// As [`GuestRam::new`], backed by huge pages (hugetlbfs memfds) when `huge` is set; the
+    /// region sizes must then be multiples of the huge page size and enough pages reserved.
+    pub fn with_pages(layout: &[(u64, u64)], huge: bool) -> Result<Self, RamError> {
         let mut regions = Vec::with_capacity(layout.len());
         for &(gpa, size) in layout {
-            let fd = vireo_memory::memfd("vireo-guest-ram", size)?;
+            let fd = if huge {
+                let fd = rustix::fs::memfd_create(
+                    "vireo-guest-ram-huge",
+                    rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::HUGETLB,
+                )
+                .map_err(std::io::Error::from)?;
+                rustix::fs::ftruncate(&fd, size).map_err(std::io::Error::from)?;
+                fd
+            } else {
+                vireo_memory::memfd("vireo-guest-ram", size)?
+            };
             let map = Mapping::from_fd(fd.as_fd(), 0, size)?;
             regions.push(Region { gpa, size, fd, map });
         }

@@ -5,6 +5,8 @@
 
 use std::process::ExitCode;
 
+mod bench;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vireo_memory::stress::{self, StressConfig};
@@ -27,6 +29,8 @@ enum Retire {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Drive a vhost-user-blk backend from this process and measure it (fio's vocabulary).
+    Bench(bench::BenchArgs),
     /// Show the invalidation protocol at work: worker threads access guest memory through cached
     /// pointers while the memory map is changed under them over and over; every access is
     /// checked against the memory files afterwards.
@@ -93,6 +97,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::MemoryDemo { workers, remaps, retire } => memory_demo(workers, remaps, retire),
+        Command::Bench(args) => match bench::run(&args) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                eprintln!("vireo bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
