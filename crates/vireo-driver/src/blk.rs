@@ -99,6 +99,65 @@ fn vh<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, BlkError> {
     r.map_err(|source| BlkError::Vhost { what, source })
 }
 
+/// Bounds every vhost-user exchange in time. The `vhost` crate retries a receive that times
+/// out, so a backend that never answers (or answers with fewer bytes than the crate expects:
+/// libvhost-user's 8-byte SET_LOG_BASE reply against the crate's 16) would hang the driver; the
+/// watchdog shuts the socket down at the deadline, which turns the wait into an error.
+struct Watchdog {
+    /// Deadline in nanoseconds since `epoch`; 0 when no exchange is in progress.
+    deadline: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch: Instant,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn new(sock: std::os::unix::net::UnixStream) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+        let deadline = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let thread = {
+            let (deadline, stop) = (deadline.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("vhost-user-watchdog".into())
+                .spawn(move || {
+                    while !stop.load(Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                        let d = deadline.load(Relaxed);
+                        let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        if d != 0 && now > d {
+                            tracing::warn!("vhost-user backend did not answer in time; closing the connection");
+                            let _ = sock.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                })
+                .ok()
+        };
+        Self { deadline, stop, epoch, thread }
+    }
+
+    /// Runs one exchange under the deadline.
+    fn guard<T>(&self, what: &'static str, f: impl FnOnce() -> vhost::Result<T>) -> Result<T, BlkError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = self.epoch.elapsed() + REPLY_TIMEOUT;
+        self.deadline.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1), Relaxed);
+        let r = f();
+        self.deadline.store(0, Relaxed);
+        vh(what, r)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// How to set the device up.
 #[derive(Clone, Debug)]
 pub struct BlkOptions {
@@ -183,6 +242,7 @@ pub struct BlkDevice {
     event_idx: bool,
     /// The dirty log, once started: its memfd and size.
     log: Option<(std::os::fd::OwnedFd, u64)>,
+    watchdog: Watchdog,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -197,17 +257,16 @@ impl BlkDevice {
         // Our own socket, so that every reply has a deadline: a backend that never answers
         // fails the call instead of hanging the driver.
         let sock = std::os::unix::net::UnixStream::connect(socket)?;
-        sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let watchdog = Watchdog::new(sock.try_clone()?);
         let mut fe = Frontend::from_stream(sock, u64::from(opts.num_queues.max(1)));
-        let offered = vh("GET_FEATURES", fe.get_features())?;
+        let offered = watchdog.guard("GET_FEATURES", || fe.get_features())?;
         if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
             return Err(BlkError::Missing("VHOST_USER_F_PROTOCOL_FEATURES"));
         }
         if offered & VIRTIO_F_VERSION_1 == 0 {
             return Err(BlkError::Missing("VIRTIO_F_VERSION_1"));
         }
-        let proto = vh("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
+        let proto = watchdog.guard("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
         let mut want =
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
         if opts.log_shmfd {
@@ -216,11 +275,14 @@ impl BlkDevice {
             }
             want |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
-        vh("SET_PROTOCOL_FEATURES", fe.set_protocol_features(proto & want))?;
-        let backend_queues =
-            if proto.contains(VhostUserProtocolFeatures::MQ) { vh("GET_QUEUE_NUM", fe.get_queue_num())? } else { 1 };
+        watchdog.guard("SET_PROTOCOL_FEATURES", || fe.set_protocol_features(proto & want))?;
+        let backend_queues = if proto.contains(VhostUserProtocolFeatures::MQ) {
+            watchdog.guard("GET_QUEUE_NUM", || fe.get_queue_num())?
+        } else {
+            1
+        };
         let num_queues = u64::from(opts.num_queues.max(1)).min(backend_queues);
-        vh("SET_OWNER", fe.set_owner())?;
+        watchdog.guard("SET_OWNER", || fe.set_owner())?;
 
         let packed = opts.packed && offered & VIRTIO_F_RING_PACKED != 0;
         let event_idx = opts.event_idx && offered & VIRTIO_RING_F_EVENT_IDX != 0;
@@ -248,8 +310,9 @@ impl BlkDevice {
 
         // Config space: capacity (sectors) at 0, blk_size at 20.
         let cfg_len = 60u32;
-        let (_, cfg) =
-            vh("GET_CONFIG", fe.get_config(0, cfg_len, VhostUserConfigFlags::WRITABLE, &vec![0u8; cfg_len as usize]))?;
+        let (_, cfg) = watchdog.guard("GET_CONFIG", || {
+            fe.get_config(0, cfg_len, VhostUserConfigFlags::WRITABLE, &vec![0u8; cfg_len as usize])
+        })?;
         let capacity = u64::from_le_bytes(cfg[0..8].try_into().unwrap_or([0; 8]));
         let blk_size = if features & VIRTIO_BLK_F_BLK_SIZE != 0 {
             u32::from_le_bytes(cfg[20..24].try_into().unwrap_or([0; 4])).max(512)
@@ -261,7 +324,7 @@ impl BlkDevice {
         let per_slot = (opts.max_request as u64).div_ceil(4096) * 4096 + 4096;
         let ram_size = (num_queues * (u64::from(opts.slots) * per_slot + (1 << 20))).div_ceil(2 << 20) * (2 << 20);
         let mut ram = GuestRam::with_pages(&[(0, ram_size)], opts.hugepages)?;
-        vh("SET_FEATURES", fe.set_features(features))?;
+        watchdog.guard("SET_FEATURES", || fe.set_features(features))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = ram
             .files()
             .iter()
@@ -273,7 +336,7 @@ impl BlkDevice {
                 mmap_handle: fd.as_raw_fd(),
             })
             .collect();
-        vh("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
+        watchdog.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
 
         let mut queues = Vec::new();
         let num_queues = usize::try_from(num_queues).unwrap_or(1);
@@ -295,8 +358,8 @@ impl BlkDevice {
                     Ok(Slot { header, data, status })
                 })
                 .collect::<Result<_, _>>()?;
-            vh("SET_VRING_NUM", fe.set_vring_num(qi, opts.queue_size))?;
-            vh("SET_VRING_BASE", fe.set_vring_base(qi, 0))?;
+            watchdog.guard("SET_VRING_NUM", || fe.set_vring_num(qi, opts.queue_size))?;
+            watchdog.guard("SET_VRING_BASE", || fe.set_vring_base(qi, 0))?;
             let cfg = VringConfigData {
                 queue_max_size: opts.queue_size,
                 queue_size: opts.queue_size,
@@ -306,12 +369,12 @@ impl BlkDevice {
                 avail_ring_addr: ram.user_addr(a)?,
                 log_addr: None,
             };
-            vh("SET_VRING_ADDR", fe.set_vring_addr(qi, &cfg))?;
+            watchdog.guard("SET_VRING_ADDR", || fe.set_vring_addr(qi, &cfg))?;
             let kick = EventFd::new(EFD_NONBLOCK)?;
             let call = EventFd::new(EFD_NONBLOCK)?;
-            vh("SET_VRING_CALL", fe.set_vring_call(qi, &call))?;
-            vh("SET_VRING_KICK", fe.set_vring_kick(qi, &kick))?;
-            vh("SET_VRING_ENABLE", fe.set_vring_enable(qi, true))?;
+            watchdog.guard("SET_VRING_CALL", || fe.set_vring_call(qi, &call))?;
+            watchdog.guard("SET_VRING_KICK", || fe.set_vring_kick(qi, &kick))?;
+            watchdog.guard("SET_VRING_ENABLE", || fe.set_vring_enable(qi, true))?;
             let n = usize::from(opts.queue_size);
             queues.push(BlkQueue {
                 ring,
@@ -323,7 +386,18 @@ impl BlkDevice {
                 pending_kick: false,
             });
         }
-        Ok(Self { fe, ram, queues, features, capacity, blk_size, max_request: opts.max_request, event_idx, log: None })
+        Ok(Self {
+            fe,
+            ram,
+            queues,
+            features,
+            capacity,
+            blk_size,
+            max_request: opts.max_request,
+            event_idx,
+            log: None,
+            watchdog,
+        })
     }
 
     fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
@@ -345,7 +419,8 @@ impl BlkDevice {
     pub fn resend_mem_table(&mut self) -> Result<Duration, BlkError> {
         let regions = self.regions();
         let t = Instant::now();
-        vh("SET_MEM_TABLE", self.fe.set_mem_table(&regions))?;
+        let fe = &self.fe;
+        self.watchdog.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
         Ok(t.elapsed())
     }
 
@@ -357,8 +432,9 @@ impl BlkDevice {
         let fd = vireo_memory::memfd("vireo-dirty-log", log_bytes).map_err(BlkError::Io)?;
         let region =
             vhost::VhostUserDirtyLogRegion { mmap_size: log_bytes, mmap_offset: 0, mmap_handle: fd.as_raw_fd() };
-        vh("SET_LOG_BASE", self.fe.set_log_base(0, Some(region)))?;
-        vh("SET_FEATURES", self.fe.set_features(self.features | VHOST_F_LOG_ALL))?;
+        let fe = &self.fe;
+        self.watchdog.guard("SET_LOG_BASE", || fe.set_log_base(0, Some(region)))?;
+        self.watchdog.guard("SET_FEATURES", || fe.set_features(self.features | VHOST_F_LOG_ALL))?;
         self.log = Some((fd, log_bytes));
         Ok(())
     }
@@ -625,10 +701,5 @@ impl BlkDevice {
         let (st, bytes) = self.run_sync(req::GET_ID, 0, None, 20)?;
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         Ok((st, String::from_utf8_lossy(&bytes[..end]).into_owned()))
-    }
-
-    /// The vhost-user connection (for tests that send more messages).
-    pub fn frontend(&mut self) -> &mut Frontend {
-        &mut self.fe
     }
 }
