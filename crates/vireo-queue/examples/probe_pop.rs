@@ -19,10 +19,17 @@ fn main() {
     .expect("queue");
     let gpa = ram.alloc(512, 64).expect("buffer");
     let buf = Buffer { gpa, len: 512, writable: true };
+    // PROBE_INDIRECT=1: four-buffer chains through indirect tables instead.
+    let indirect = std::env::var("PROBE_INDIRECT").is_ok();
+    let four: Vec<Buffer> = (0..4).map(|_| Buffer { gpa: ram.alloc(512, 64).expect("buffer"), len: 512, writable: true }).collect();
     let (mut total, mut ns) = (0usize, 0u128);
     for _ in 0..1000 {
         for _ in 0..128 {
-            drv.add(&ram, &[buf]).expect("add");
+            if indirect {
+                drv.add_indirect(&mut ram, &four).expect("add");
+            } else {
+                drv.add(&ram, &[buf]).expect("add");
+            }
         }
         drv.publish(&ram, true).expect("publish");
         let t0 = std::time::Instant::now();

@@ -579,15 +579,20 @@ fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, used_wrap: bo
     vring_need_event(off, new, old)
 }
 
-#[inline]
+/// A descriptor from its two little-endian 64-bit words (two single loads: a volatile read of
+/// the 16-byte struct itself compiles to byte-sized pieces).
+#[inline(always)]
+fn desc_from_words(lo: u64, hi: u64) -> Descriptor {
+    let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+    // `hi` holds len (bits 0-31), then two 16-bit fields; the truncations take those fields.
+    #[allow(clippy::cast_possible_truncation)]
+    Descriptor { addr: lo, len: hi as u32, flags_or_id: (hi >> 32) as u16, next_or_flags: (hi >> 48) as u16 }
+}
+
+#[inline(always)]
 fn read_desc<R: RingAccess>(r: &R, index: u16) -> Result<Descriptor, QueueError> {
-    let d: Descriptor = r.read(Area::Desc, 16 * usize::from(index))?;
-    Ok(Descriptor {
-        addr: u64::from_le(d.addr),
-        len: u32::from_le(d.len),
-        flags_or_id: u16::from_le(d.flags_or_id),
-        next_or_flags: u16::from_le(d.next_or_flags),
-    })
+    let off = 16 * usize::from(index);
+    Ok(desc_from_words(r.read::<u64>(Area::Desc, off)?, r.read::<u64>(Area::Desc, off + 8)?))
 }
 
 /// An indirect table: translated once when it lies in one region (the usual case), entry by
@@ -603,23 +608,26 @@ impl<'m, 'q> Table<'m, 'q> {
         Self { mem, addr, whole: mem.translate(GuestPhysAddr::new(addr), u64::from(len)).ok() }
     }
 
-    #[inline]
+    #[inline(always)]
     fn entry(&self, i: u32) -> Result<Descriptor, QueueError> {
-        let off = 16 * u64::from(i);
-        let gpa = GuestPhysAddr::new(self.addr.wrapping_add(off));
-        let d: Descriptor = match &self.whole {
-            Some(t) => t.read(usize::try_from(off).unwrap_or(usize::MAX)).map_err(|e| QueueError::mem(gpa, 16, e))?,
-            None => {
-                let s = self.mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
-                s.read(0).map_err(|e| QueueError::mem(gpa, 16, e))?
+        // i < 32768 (indirect_entries), so the offset cannot overflow.
+        let off = 16 * i as usize;
+        if let Some(t) = &self.whole {
+            if let (Ok(lo), Ok(hi)) = (t.read::<u64>(off), t.read::<u64>(off + 8)) {
+                return Ok(desc_from_words(lo, hi));
             }
-        };
-        Ok(Descriptor {
-            addr: u64::from_le(d.addr),
-            len: u32::from_le(d.len),
-            flags_or_id: u16::from_le(d.flags_or_id),
-            next_or_flags: u16::from_le(d.next_or_flags),
-        })
+        }
+        self.entry_slow(i)
+    }
+
+    /// A table that spans regions: each entry translated on its own.
+    #[cold]
+    fn entry_slow(&self, i: u32) -> Result<Descriptor, QueueError> {
+        let gpa = GuestPhysAddr::new(self.addr.wrapping_add(16 * u64::from(i)));
+        let s = self.mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
+        let lo = s.read::<u64>(0).map_err(|e| QueueError::mem(gpa, 16, e))?;
+        let hi = s.read::<u64>(8).map_err(|e| QueueError::mem(gpa, 16, e))?;
+        Ok(desc_from_words(lo, hi))
     }
 }
 
