@@ -21,7 +21,8 @@ fn main() {
     let buf = Buffer { gpa, len: 512, writable: true };
     // PROBE_INDIRECT=1: four-buffer chains through indirect tables instead.
     let indirect = std::env::var("PROBE_INDIRECT").is_ok();
-    let four: Vec<Buffer> = (0..4).map(|_| Buffer { gpa: ram.alloc(512, 64).expect("buffer"), len: 512, writable: true }).collect();
+    let four: Vec<Buffer> =
+        (0..4).map(|_| Buffer { gpa: ram.alloc(512, 64).expect("buffer"), len: 512, writable: true }).collect();
     let (mut total, mut ns) = (0usize, 0u128);
     for _ in 0..1000 {
         for _ in 0..128 {
@@ -35,14 +36,11 @@ fn main() {
         let t0 = std::time::Instant::now();
         let (n, _) = q
             .process(|qb| {
-                let mut toks: [Option<UsedToken>; 128] = [None; 128];
                 let mut n = 0usize;
                 while let Some(c) = qb.pop().expect("pop") {
-                    toks[n] = Some(c.token());
+                    let t: UsedToken = c.token();
+                    qb.add_used(t, 512).expect("used");
                     n += 1;
-                }
-                for t in toks.iter().flatten() {
-                    qb.add_used(*t, 512).expect("used");
                 }
                 n
             })

@@ -59,6 +59,15 @@ impl Segments {
         self.seen_writable = false;
     }
 
+    /// Makes the chain one already-translated buffer (the fast path's single descriptor).
+    #[inline(always)]
+    pub fn set_single(&mut self, host: usize, len: u32, gpa: u64, writable: bool) {
+        self.segs.clear();
+        self.segs.push(RawSeg { host, len, gpa, writable });
+        self.seen_writable = writable;
+        (self.readable, self.writable) = if writable { (0, len) } else { (len, 0) };
+    }
+
     /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split
     /// where it crosses regions.
     #[inline(always)]
