@@ -56,14 +56,7 @@ const CASES: [Case; 5] = [
     Case { name: "packed-4desc", packed: true, descs: 4, indirect: false },
 ];
 
-fn desc(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&a.to_le_bytes());
-    d[14..].copy_from_slice(&b.to_le_bytes());
-    d
-}
+use vireo_driver::desc_bytes as desc;
 
 fn at(base: GuestPhysAddr, off: u64) -> GuestPhysAddr {
     GuestPhysAddr::new(base.raw() + off)

@@ -158,6 +158,28 @@ impl Drop for Watchdog {
     }
 }
 
+/// Sleeps until one of the call eventfds fires or `timeout` passes, then drains them (a
+/// spurious wake-up just makes the caller poll the rings again).
+fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<(), BlkError> {
+    // SAFETY: the eventfds are borrowed from the caller for the whole poll call.
+    let borrowed: Vec<_> =
+        calls.iter().map(|c| unsafe { std::os::fd::BorrowedFd::borrow_raw(c.as_raw_fd()) }).collect();
+    let mut fds: Vec<_> =
+        borrowed.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
+    let ts = rustix::event::Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(BlkError::Io(e.into())),
+    }
+    for c in calls {
+        let _ = c.read();
+    }
+    Ok(())
+}
+
 /// How to set the device up.
 #[derive(Clone, Debug)]
 pub struct BlkOptions {
@@ -475,22 +497,8 @@ impl BlkDevice {
         if n > 0 {
             return Ok(n);
         }
-        let raw: Vec<_> = self.queues.iter().map(|q| q.call.as_raw_fd()).collect();
-        // SAFETY: the eventfds live in `self.queues` for the whole poll call.
-        let borrowed: Vec<_> = raw.iter().map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).collect();
-        let mut fds: Vec<_> =
-            borrowed.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
-        let ts = rustix::event::Timespec {
-            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(BlkError::Io(e.into())),
-        }
-        for q in &self.queues {
-            let _ = q.call.read();
-        }
+        let calls: Vec<&EventFd> = self.queues.iter().map(|q| &q.call).collect();
+        sleep_on(&calls, timeout)?;
         collect(self, out, &mut buf)
     }
 
@@ -646,19 +654,7 @@ impl BlkDevice {
             if n > 0 {
                 return Ok(n);
             }
-            // SAFETY: the eventfd lives in `self.queues[q]` for the whole poll call.
-            let call = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.queues[q].call.as_raw_fd()) };
-            let mut fds = [rustix::event::PollFd::new(&call, rustix::event::PollFlags::IN)];
-            let ts = rustix::event::Timespec {
-                tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
-                tv_nsec: i64::from(left.subsec_nanos()),
-            };
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(BlkError::Io(e.into())),
-            }
-            // Drain the counter; a spurious wake-up just polls again.
-            let _ = self.queues[q].call.read();
+            sleep_on(&[&self.queues[q].call], left)?;
         }
     }
 

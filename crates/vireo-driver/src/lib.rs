@@ -15,4 +15,4 @@ mod virtq;
 
 pub use blk::{BlkDevice, BlkError, BlkOptions, Completion};
 pub use ram::{GuestRam, RamError};
-pub use virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};
+pub use virtq::{desc_bytes, Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};

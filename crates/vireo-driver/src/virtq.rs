@@ -60,7 +60,9 @@ pub enum DriverError {
     Size(u16),
 }
 
-fn desc_bytes(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
+/// The 16 bytes of a descriptor as they sit in guest memory: address, length, and the two
+/// 16-bit fields (split: flags, next; packed: id, flags), little endian.
+pub fn desc_bytes(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
     let mut d = [0u8; 16];
     d[..8].copy_from_slice(&addr.to_le_bytes());
     d[8..12].copy_from_slice(&len.to_le_bytes());

@@ -11,21 +11,32 @@ use vireo_driver::SplitDriver;
 use vireo_memory::GuestPhysAddr;
 use vireo_queue::{Queue, QueueConfig, QueueError, RingAddrs, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
-fn desc(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&a.to_le_bytes());
-    d[14..].copy_from_slice(&b.to_le_bytes());
-    d
-}
+use vireo_driver::desc_bytes as desc;
 
 const SIZE: u16 = 8;
 
 /// A split bench with raw access: `setup` writes descriptors and avail entries, then the
 /// available index is set to `avail_idx`.
-fn split_case(setup: impl FnOnce(&Bench, GuestPhysAddr, GuestPhysAddr, u64), avail_idx: u16) -> Arc<QueueError> {
+/// Runs the case on the cached path and on the translating path; both must refuse it the
+/// same way. Returns the cached path's error.
+fn split_case(setup: impl Fn(&Bench, GuestPhysAddr, GuestPhysAddr, u64), avail_idx: u16) -> Arc<QueueError> {
+    let cached = split_case_on(&setup, avail_idx, false);
+    let translated = split_case_on(&setup, avail_idx, true);
+    assert_eq!(
+        std::mem::discriminant(&*cached),
+        std::mem::discriminant(&*translated),
+        "cached: {cached}; translating: {translated}"
+    );
+    cached
+}
+
+fn split_case_on(
+    setup: &impl Fn(&Bench, GuestPhysAddr, GuestPhysAddr, u64),
+    avail_idx: u16,
+    translating: bool,
+) -> Arc<QueueError> {
     let mut b = Bench::new(false, SIZE, 1 << 20);
+    b.queue.set_force_translating(translating);
     let data = b.ram.alloc(4096, 16).unwrap().raw();
     let RingAddrs::Split { desc, avail, .. } = b.drv.addrs() else { unreachable!() };
     setup(&b, desc, avail, data);

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Drives vhost-user-blk backends with `vireo bench` on a null device: 4 KiB random reads at
+# iodepth 1, 32 and 128, on one and two queues; prints one JSON line per run and a table.
+# Backends measured: qemu-storage-daemon (driver=null-co). Runs are interleaved by case and
+# repeated (ROUNDS, default 3) so that drift on two shared cores spreads over all of them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-5}
+SIZE=${SIZE:-1G}
+command -v qemu-storage-daemon >/dev/null || { echo "bench-blk: qemu-storage-daemon is needed (qemu-utils)" >&2; exit 1; }
+cargo build --release -p vireo >&2
+dir=$(mktemp -d /tmp/vireo-bench-blk.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+start_qsd() { # queues -> prints pid; socket at $dir/qsd-$1.sock
+  local q=$1 sock="$dir/qsd-$1.sock"
+  qemu-storage-daemon \
+    --blockdev "driver=null-co,node-name=n0,size=$(numfmt --from=iec "$SIZE")" \
+    --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$q" \
+    >"$dir/qsd-$q.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+  [ -S "$sock" ] || { cat "$dir/qsd-$q.log" >&2; exit 1; }
+  echo "$pid"
+}
+
+results="$dir/results.jsonl"
+for round in $(seq "$ROUNDS"); do
+  for q in 1 2; do
+    pid=$(start_qsd "$q"); pids+=("$pid")
+    for depth in 1 32 128; do
+      ./target/release/vireo bench --socket-path "$dir/qsd-$q.sock" --rw randread --bs 4k \
+        --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
+        python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='qemu-storage-daemon'; d['round']=$round; print(json.dumps(d))" |
+        tee -a "$results"
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+done
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+keys = sorted({(r['backend'], r['numjobs'], r['iodepth']) for r in rows})
+print(f"{'backend':22} {'queues':>6} {'depth':>5} {'IOPS (median; runs)':>40} {'p50 us':>7} {'p99 us':>7} {'backend ns/IO':>13}")
+for k in keys:
+    rs = [r for r in rows if (r['backend'], r['numjobs'], r['iodepth']) == k]
+    iops = [round(r['iops']) for r in rs]
+    med = lambda f: statistics.median(f(r) for r in rs)
+    print(f"{k[0]:22} {k[1]:>6} {k[2]:>5} {statistics.median(iops):>10.0f} {str(iops):>29} "
+          f"{med(lambda r: r['lat_ns']['p50'])/1000:>7.1f} {med(lambda r: r['lat_ns']['p99'])/1000:>7.1f} "
+          f"{med(lambda r: r['backend_cpu_ns_per_io'] or 0):>13.0f}")
+PY
