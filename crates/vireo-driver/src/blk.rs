@@ -557,7 +557,7 @@ impl BlkDevice {
             return Err(BlkError::TooLarge { len: dlen, max });
         }
         let queue = &mut self.queues[q];
-        let slot = queue.free.pop().ok_or(DriverError::Full { want: 1, free: 0 })?;
+        let slot = queue.free.pop().ok_or_else(|| DriverError::Full { want: 1, free: 0 })?;
         let s = queue.slots[usize::from(slot)];
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&kind.to_le_bytes());
@@ -672,7 +672,8 @@ impl BlkDevice {
         while !done.iter().any(|c: &Completion| c.slot == slot) {
             self.wait(0, Duration::from_secs(10), &mut done)?;
         }
-        let c = done.iter().find(|c| c.slot == slot).copied().ok_or(BlkError::Timeout(Duration::from_secs(10)))?;
+        let c =
+            done.iter().find(|c| c.slot == slot).copied().ok_or_else(|| BlkError::Timeout(Duration::from_secs(10)))?;
         let back = if matches!(kind, req::IN | req::GET_ID) { self.slot_data(0, slot, len)? } else { Vec::new() };
         Ok((c.status, back))
     }

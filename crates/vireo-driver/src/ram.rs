@@ -107,7 +107,7 @@ impl GuestRam {
             .regions
             .iter()
             .find(|r| r.gpa <= gpa.raw() && gpa.raw() < r.gpa + r.size)
-            .ok_or(RamError::Outside { gpa, len: 0 })?;
+            .ok_or_else(|| RamError::Outside { gpa, len: 0 })?;
         Ok(r.map.as_ptr() as u64 + (gpa.raw() - r.gpa))
     }
 
@@ -158,7 +158,7 @@ impl GuestRam {
             .regions
             .iter()
             .position(|r| r.gpa <= gpa.raw() && gpa.raw() < r.gpa + r.size)
-            .ok_or(RamError::Outside { gpa, len: 0 })?;
+            .ok_or_else(|| RamError::Outside { gpa, len: 0 })?;
         self.alloc_region = i;
         self.next = gpa.raw();
         Ok(())
@@ -170,7 +170,7 @@ impl GuestRam {
             .regions
             .iter()
             .find(|r| r.gpa <= gpa.raw() && gpa.raw().checked_add(len).is_some_and(|e| e <= r.gpa + r.size))
-            .ok_or(RamError::Outside { gpa, len })?;
+            .ok_or_else(|| RamError::Outside { gpa, len })?;
         let off = usize::try_from(gpa.raw() - r.gpa).map_err(|_| RamError::Outside { gpa, len })?;
         let len = usize::try_from(len).map_err(|_| RamError::Outside { gpa, len })?;
         // SAFETY: the range lies inside the region's mapping (checked above), which lives as long
@@ -207,7 +207,7 @@ impl GuestRam {
                 .regions
                 .iter()
                 .find(|r| r.gpa <= at && at < r.gpa + r.size)
-                .ok_or(RamError::Outside { gpa, len })?;
+                .ok_or_else(|| RamError::Outside { gpa, len })?;
             let n = (r.gpa + r.size - at).min(len - done);
             let at_buf = usize::try_from(done).map_err(|_| RamError::Outside { gpa, len })?;
             f(self.slice(GuestPhysAddr::new(at), n)?, at_buf)?;

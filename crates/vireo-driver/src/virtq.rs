@@ -182,7 +182,7 @@ impl SplitDriver {
         if bufs.is_empty() {
             return Err(DriverError::Empty);
         }
-        let head = self.free.pop().ok_or(DriverError::Full { want: 1, free: 0 })?;
+        let head = self.free.pop().ok_or_else(|| DriverError::Full { want: 1, free: 0 })?;
         let n = u32::try_from(bufs.len()).map_err(|_| DriverError::Full { want: bufs.len(), free: 0 })?;
         let table = match self.tables[usize::from(head)] {
             Some((t, cap)) if cap >= n => t,
@@ -250,8 +250,11 @@ impl SplitDriver {
         let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
         let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
         let id16 = u16::try_from(id).map_err(|_| DriverError::BadUsedId { id })?;
-        let descs =
-            self.in_flight.get_mut(usize::from(id16)).and_then(Option::take).ok_or(DriverError::BadUsedId { id })?;
+        let descs = self
+            .in_flight
+            .get_mut(usize::from(id16))
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::BadUsedId { id })?;
         self.free.extend(descs);
         self.last_used = self.last_used.wrapping_add(1);
         Ok(Some(UsedElem { id: id16, len }))
@@ -379,7 +382,7 @@ impl PackedDriver {
         if n > self.free_slots {
             return Err(DriverError::Full { want: bufs.len(), free: self.free() });
         }
-        let id = self.free_ids.pop().ok_or(DriverError::Full { want: 1, free: 0 })?;
+        let id = self.free_ids.pop().ok_or_else(|| DriverError::Full { want: 1, free: 0 })?;
         for (i, b) in bufs.iter().enumerate() {
             let mut flags = if b.writable { F_WRITE } else { 0 };
             if i + 1 < bufs.len() {
@@ -400,7 +403,7 @@ impl PackedDriver {
         if self.free_slots == 0 {
             return Err(DriverError::Full { want: 1, free: 0 });
         }
-        let id = self.free_ids.pop().ok_or(DriverError::Full { want: 1, free: 0 })?;
+        let id = self.free_ids.pop().ok_or_else(|| DriverError::Full { want: 1, free: 0 })?;
         let n = u32::try_from(bufs.len()).map_err(|_| DriverError::Full { want: bufs.len(), free: 0 })?;
         let table = match self.tables[usize::from(id)] {
             Some((t, cap)) if cap >= n => t,

@@ -113,7 +113,7 @@ impl LogCache {
             return Ok(());
         }
         let first = gpa.raw() / LOG_PAGE_SIZE;
-        let last = gpa.raw().checked_add(len - 1).ok_or(MemoryError::Unmapped { gpa, len })? / LOG_PAGE_SIZE;
+        let last = gpa.raw().checked_add(len - 1).ok_or_else(|| MemoryError::Unmapped { gpa, len })? / LOG_PAGE_SIZE;
         if last >= log.pages() {
             return Err(MemoryError::BeyondLog { page: last, log_bytes: log.len() as u64 });
         }

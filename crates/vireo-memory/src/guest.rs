@@ -191,7 +191,8 @@ impl GuestMemory {
     ) -> Result<(), MemoryError> {
         let mut w = lock(&self.shared.writer);
         let old = self.map();
-        let index = old.position(gpa, size, user_addr).ok_or(MemoryError::NoSuchRegion { gpa, size, user_addr })?;
+        let index =
+            old.position(gpa, size, user_addr).ok_or_else(|| MemoryError::NoSuchRegion { gpa, size, user_addr })?;
         let mut keep = old.regions().to_vec();
         let gone = keep.remove(index);
         let new_map = MemoryMap::from_regions(keep)?;
@@ -654,7 +655,7 @@ impl<'q> Batch<'q> {
         for _ in 0..64 {
             let (t, pinned, slot) = {
                 let map = self.map.borrow();
-                let t = map.translate(gpa).ok_or(MemoryError::Unmapped { gpa, len })?;
+                let t = map.translate(gpa).ok_or_else(|| MemoryError::Unmapped { gpa, len })?;
                 let pinned = self.pin_index(t.index, &map);
                 let r = map.region(t.index);
                 if pinned {
@@ -681,7 +682,7 @@ impl<'q> Batch<'q> {
                 return Err(MemoryError::Unmapped { gpa, len });
             };
             let n = usize::try_from(take).map_err(|_| MemoryError::Unmapped { gpa, len })?;
-            let ptr = NonNull::new(t.host as *mut u8).ok_or(MemoryError::Unmapped { gpa, len })?;
+            let ptr = NonNull::new(t.host as *mut u8).ok_or_else(|| MemoryError::Unmapped { gpa, len })?;
             // SAFETY: the region holding [gpa, gpa+take) is pinned until this batch ends (the
             // invalidator waits for pins to drop before retiring it), `take` bytes fit in it, and
             // the slice borrows the batch, so it cannot outlive the pin.
@@ -694,7 +695,8 @@ impl<'q> Batch<'q> {
     pub fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         let mut done = 0usize;
         while done < buf.len() {
-            let at = gpa.checked_add(done as u64).ok_or(MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
+            let at =
+                gpa.checked_add(done as u64).ok_or_else(|| MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
             let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
             s.copy_to(0, &mut buf[done..done + s.len()])?;
             done += s.len();
@@ -707,7 +709,8 @@ impl<'q> Batch<'q> {
     pub fn write(&self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), MemoryError> {
         let mut done = 0usize;
         while done < buf.len() {
-            let at = gpa.checked_add(done as u64).ok_or(MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
+            let at =
+                gpa.checked_add(done as u64).ok_or_else(|| MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
             let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
             s.copy_from(0, &buf[done..done + s.len()])?;
             done += s.len();

@@ -252,12 +252,13 @@ impl MemoryMap {
 
     /// The guest physical address that frontend user address `user_addr` stands for.
     pub fn user_to_gpa(&self, user_addr: UserAddr) -> Result<GuestPhysAddr, MemoryError> {
-        let i = last_at_or_below(&self.user_start, user_addr.raw()).ok_or(MemoryError::UnmappedUser { user_addr })?;
+        let i = last_at_or_below(&self.user_start, user_addr.raw())
+            .ok_or_else(|| MemoryError::UnmappedUser { user_addr })?;
         let r = &self.regions[usize::from(self.user_index[i])];
         let offset = user_addr
             .offset_from(r.user_addr)
             .filter(|&o| o < r.size)
-            .ok_or(MemoryError::UnmappedUser { user_addr })?;
+            .ok_or_else(|| MemoryError::UnmappedUser { user_addr })?;
         Ok(GuestPhysAddr::new(r.gpa.raw() + offset))
     }
 

@@ -77,14 +77,14 @@ impl Segments {
         }
         if writable {
             self.seen_writable = true;
-            self.writable = self.writable.checked_add(len).ok_or(QueueError::LengthOverflow { head })?;
+            self.writable = self.writable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
         } else {
             if self.seen_writable {
                 return Err(QueueError::ReadableAfterWritable { head });
             }
-            self.readable = self.readable.checked_add(len).ok_or(QueueError::LengthOverflow { head })?;
+            self.readable = self.readable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
         }
-        self.readable.checked_add(self.writable).ok_or(QueueError::LengthOverflow { head })?;
+        self.readable.checked_add(self.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
         // The common case: the whole buffer in one region.
         if let Ok(s) = mem.translate(GuestPhysAddr::new(addr), u64::from(len)) {
             self.segs.push(RawSeg { host: s.as_ptr() as usize, len, gpa: addr, writable });
