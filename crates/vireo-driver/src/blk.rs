@@ -381,7 +381,9 @@ impl BlkDevice {
                 })
                 .collect::<Result<_, _>>()?;
             watchdog.guard("SET_VRING_NUM", || fe.set_vring_num(qi, opts.queue_size))?;
-            watchdog.guard("SET_VRING_BASE", || fe.set_vring_base(qi, 0))?;
+            // A packed ring starts with both wrap counters at 1 (virtio 1.x 2.8.1), bit 15 of the base.
+            let base = if packed { 0x8000 } else { 0 };
+            watchdog.guard("SET_VRING_BASE", || fe.set_vring_base(qi, base))?;
             let cfg = VringConfigData {
                 queue_max_size: opts.queue_size,
                 queue_size: opts.queue_size,

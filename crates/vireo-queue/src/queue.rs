@@ -209,16 +209,19 @@ impl Queue {
             Kind::Split { .. } => QueueState { next_avail: (base & 0xffff) as u16, ..QueueState::default() },
             Kind::Packed { .. } => {
                 let a = (base & 0x7fff) as u16;
-                let u = ((base >> 16) & 0x7fff) as u16;
+                let avail_wrap = base & (1 << 15) != 0;
+                // A 16-bit base (what QEMU's frontend and rust-vmm's send: its SET_VRING_BASE
+                // takes a u16) carries only the available half; then the used position equals
+                // it, as DPDK and libvhost-user assume: nothing is in flight across a stop.
+                let (u, used_wrap) = if base >> 16 == 0 {
+                    (a, avail_wrap)
+                } else {
+                    (((base >> 16) & 0x7fff) as u16, base & (1 << 31) != 0)
+                };
                 if a >= self.cfg.size || u >= self.cfg.size {
                     return Err(QueueError::Config { what: "packed vring base beyond the queue size" });
                 }
-                QueueState {
-                    next_avail: a,
-                    avail_wrap: base & (1 << 15) != 0,
-                    next_used: u,
-                    used_wrap: base & (1 << 31) != 0,
-                }
+                QueueState { next_avail: a, avail_wrap, next_used: u, used_wrap }
             }
         };
         self.set_state(state);

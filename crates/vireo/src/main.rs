@@ -29,6 +29,8 @@ enum Retire {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a disk image (or a null device) to a VMM as a vhost-user-blk backend.
+    Blk(BlkArgs),
     /// Drive a vhost-user-blk backend from this process and measure it (fio's vocabulary).
     Bench(bench::BenchArgs),
     /// Show the invalidation protocol at work: worker threads access guest memory through cached
@@ -45,6 +47,96 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Retire::Protnone)]
         retire: Retire,
     },
+}
+
+#[derive(clap::Args)]
+struct BlkArgs {
+    /// The vhost-user socket to listen on (created; removed on exit).
+    #[arg(long)]
+    socket_path: std::path::PathBuf,
+    /// The raw image file or block device to serve.
+    #[arg(long, conflicts_with = "null", required_unless_present = "null")]
+    image: Option<std::path::PathBuf>,
+    /// Serve a null device of this size instead (k/m/g suffixes): writes are dropped, reads
+    /// return whatever the buffer held, like QEMU's null-co. For measuring the data path alone.
+    #[arg(long, value_parser = parse_size)]
+    null: Option<u64>,
+    /// Refuse writes (the guest sees VIRTIO_BLK_F_RO; writes complete with IOERR).
+    #[arg(long)]
+    read_only: bool,
+    /// Queues offered to the guest.
+    #[arg(long, default_value_t = 1)]
+    num_queues: u16,
+    /// Largest queue size accepted.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+    /// The device id the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "vireo")]
+    serial: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (&t[..], 1),
+    };
+    num.parse::<u64>().map(|n| n * mult).map_err(|e| format!("bad size {s:?}: {e}"))
+}
+
+/// Errors of `vireo blk`.
+#[derive(Debug, thiserror::Error)]
+enum BlkError {
+    #[error("cannot open image {path}: {source}")]
+    Image { path: String, source: std::io::Error },
+    #[error("socket path {0} is in use by a running backend")]
+    InUse(String),
+    #[error(transparent)]
+    Serve(#[from] vireo_vhost::ServeError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+fn blk(a: BlkArgs) -> Result<(), BlkError> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let storage = match (&a.image, a.null) {
+        (Some(path), _) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!a.read_only)
+                .open(path)
+                .map_err(|source| BlkError::Image { path: path.display().to_string(), source })?;
+            let size = file
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|source| BlkError::Image { path: path.display().to_string(), source })?;
+            vireo_blk::Storage::File { file, size }
+        }
+        (None, Some(size)) => vireo_blk::Storage::Null { size },
+        (None, None) => unreachable!("clap requires --image or --null"),
+    };
+    // A socket another backend listens on must not be stolen from it.
+    if std::os::unix::net::UnixStream::connect(&a.socket_path).is_ok() {
+        return Err(BlkError::InUse(a.socket_path.display().to_string()));
+    }
+    let device = vireo_blk::BlkDevice::new(
+        storage,
+        vireo_blk::BlkConfig {
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            read_only: a.read_only,
+            serial: a.serial,
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
+    }
+    vireo_vhost::serve(&a.socket_path, Arc::new(device), &stop)?;
+    Ok(())
 }
 
 fn memory_demo(workers: usize, remaps: u64, retire: Retire) -> Result<bool, stress::StressError> {
@@ -97,6 +189,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::MemoryDemo { workers, remaps, retire } => memory_demo(workers, remaps, retire),
+        Command::Blk(args) => match blk(args) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                eprintln!("vireo blk: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Command::Bench(args) => match bench::run(&args) {
             Ok(()) => Ok(true),
             Err(e) => {

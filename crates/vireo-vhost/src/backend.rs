@@ -1,0 +1,488 @@
+//! The vhost-user backend: one connection's state, the message handlers, and the server loop.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{BackendListener, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+use vireo_memory::{GuestMemory, GuestPhysAddr, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
+use vireo_queue::{Queue, QueueConfig, RingAddrs};
+
+use crate::device::Device;
+use crate::worker::Worker;
+
+type Result<T> = std::result::Result<T, VuError>;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// Errors of the server loop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be set up.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: String,
+        /// Why.
+        #[source]
+        source: VuError,
+    },
+}
+
+#[derive(Default)]
+struct Ring {
+    size: u16,
+    /// Frontend user addresses from SET_VRING_ADDR: descriptor, used, available.
+    addrs: Option<(u64, u64, u64)>,
+    log_addr: Option<u64>,
+    base: u32,
+    kick: Option<File>,
+    call: Option<File>,
+    enabled: bool,
+    worker: Option<Worker>,
+    /// The stopped queue, kept so that GET_VRING_BASE can report its position.
+    stopped: Option<Queue>,
+}
+
+/// One frontend connection's backend state.
+pub struct VhostUserBackend {
+    device: Arc<dyn Device>,
+    memory: GuestMemory,
+    features: u64,
+    acked_features: u64,
+    protocol_features: u64,
+    rings: Vec<Ring>,
+    /// The files behind the current regions, kept open as long as they are mapped.
+    region_files: Vec<File>,
+}
+
+impl std::fmt::Debug for VhostUserBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserBackend").field("rings", &self.rings.len()).finish()
+    }
+}
+
+fn invalid(what: &'static str) -> VuError {
+    tracing::warn!(what, "vhost-user request refused");
+    VuError::InvalidOperation(what)
+}
+
+impl VhostUserBackend {
+    /// Backend state for a new connection to `device`.
+    pub fn new(device: Arc<dyn Device>) -> Self {
+        let features = device.features()
+            | VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_PACKED
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | VHOST_F_LOG_ALL;
+        let rings = (0..device.num_queues()).map(|_| Ring::default()).collect();
+        Self {
+            device,
+            memory: GuestMemory::new(RetireMode::from_env()),
+            features,
+            acked_features: 0,
+            protocol_features: 0,
+            rings,
+            region_files: Vec::new(),
+        }
+    }
+
+    fn ring(&mut self, index: u32) -> Result<&mut Ring> {
+        self.rings.get_mut(index as usize).ok_or_else(|| invalid("queue index out of range"))
+    }
+
+    fn stop(&mut self, index: usize) {
+        if let Some(w) = self.rings[index].worker.take() {
+            self.rings[index].stopped = w.stop();
+        }
+    }
+
+    /// Starts ring `index` if everything it needs is there: memory, size, addresses, a kick fd,
+    /// and (with VHOST_USER_F_PROTOCOL_FEATURES) SET_VRING_ENABLE.
+    fn maybe_start(&mut self, index: usize) -> Result<()> {
+        let protocol = self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        let r = &self.rings[index];
+        if r.worker.is_some() || r.size == 0 || r.addrs.is_none() || r.kick.is_none() || (protocol && !r.enabled) {
+            return Ok(());
+        }
+        let Some((desc, used, avail)) = r.addrs else { return Ok(()) };
+        let map = self.memory.map();
+        let gpa = |u: u64| map.user_to_gpa(UserAddr::new(u)).map_err(|_| invalid("ring address not in guest memory"));
+        let packed = self.acked_features & VIRTIO_F_RING_PACKED != 0;
+        let addrs = if packed {
+            RingAddrs::Packed { desc: gpa(desc)?, driver: gpa(avail)?, device: gpa(used)? }
+        } else {
+            RingAddrs::Split { desc: gpa(desc)?, avail: gpa(avail)?, used: gpa(used)? }
+        };
+        let cfg = QueueConfig {
+            size: r.size,
+            addrs,
+            event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
+            ring_log_addr: r.log_addr.map(GuestPhysAddr::new),
+        };
+        let mut queue = Queue::new(self.memory.register_queue(), cfg).map_err(|e| {
+            tracing::warn!(queue = index, error = %e, "ring refused");
+            VuError::InvalidParam
+        })?;
+        queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
+        let kick = r.kick.as_ref().and_then(|k| k.try_clone().ok()).ok_or_else(|| invalid("kick fd"))?;
+        let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
+        let worker = Worker::start(index, queue, kick, call, self.device.clone()).map_err(VuError::ReqHandlerError)?;
+        self.rings[index].worker = Some(worker);
+        self.rings[index].stopped = None;
+        tracing::debug!(queue = index, "queue started");
+        Ok(())
+    }
+
+    /// Stops every worker (the connection is going away).
+    pub fn shutdown(&mut self) {
+        for i in 0..self.rings.len() {
+            self.stop(i);
+        }
+    }
+
+    fn specs<'f>(regions: &[VhostUserMemoryRegion], files: &'f [File]) -> Vec<RegionSpec<'f>> {
+        regions
+            .iter()
+            .zip(files)
+            .map(|(r, f)| RegionSpec {
+                gpa: GuestPhysAddr::new(r.guest_phys_addr),
+                size: r.memory_size,
+                user_addr: UserAddr::new(r.user_addr),
+                fd: f.as_fd(),
+                fd_offset: r.mmap_offset,
+            })
+            .collect()
+    }
+}
+
+impl Drop for VhostUserBackend {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for VhostUserBackend {
+    fn set_owner(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> Result<()> {
+        self.reset_device()
+    }
+
+    fn reset_device(&mut self) -> Result<()> {
+        self.shutdown();
+        for r in &mut self.rings {
+            *r = Ring::default();
+        }
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> Result<u64> {
+        Ok(self.features)
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.features != 0 {
+            return Err(invalid("features not offered"));
+        }
+        self.acked_features = features;
+        // VHOST_F_LOG_ALL both ways: on waits for running batches (GuestMemory::set_logging).
+        self.memory.set_logging(features & VHOST_F_LOG_ALL != 0);
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
+        // Returns only when no worker can touch the old regions (the reply is the barrier).
+        self.memory.set_regions(&Self::specs(ctx, &files)).map_err(|e| {
+            tracing::warn!(error = %e, "memory table refused");
+            VuError::InvalidParam
+        })?;
+        self.region_files = files;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        let max = self.device.max_queue_size();
+        let size = u16::try_from(num).ok().filter(|&n| n > 0 && n <= max).ok_or(VuError::InvalidParam)?;
+        self.stop(index as usize);
+        self.ring(index)?.size = size;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        log: u64,
+    ) -> Result<()> {
+        let running = self.ring(index)?.worker.is_some();
+        self.stop(index as usize);
+        let r = self.ring(index)?;
+        r.addrs = Some((descriptor, used, available));
+        r.log_addr = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG).then_some(log);
+        if running {
+            // Carry on from where the stopped worker was.
+            if let Some(q) = r.stopped.take() {
+                r.base = q.vring_base();
+            }
+            self.maybe_start(index as usize)?;
+        }
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        self.stop(index as usize);
+        let r = self.ring(index)?;
+        r.base = base;
+        r.stopped = None;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
+        self.ring(index)?;
+        self.stop(index as usize);
+        let r = &mut self.rings[index as usize];
+        r.enabled = false;
+        r.kick = None;
+        let value = match r.stopped.take() {
+            Some(q) => q.vring_base(),
+            None => r.base,
+        };
+        r.base = value;
+        Ok(VhostUserVringState::new(index, value))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        let Some(fd) = fd else { return Err(invalid("polling mode (no kick fd) is not supported")) };
+        self.stop(usize::from(index));
+        self.ring(u32::from(index))?.kick = Some(fd);
+        self.maybe_start(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
+        let running = self.ring(u32::from(index))?.worker.is_some();
+        self.stop(usize::from(index));
+        let r = self.ring(u32::from(index))?;
+        r.call = fd;
+        if running {
+            if let Some(q) = r.stopped.take() {
+                r.base = q.vring_base();
+            }
+            self.maybe_start(usize::from(index))?;
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> Result<()> {
+        self.ring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        self.protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> Result<u64> {
+        Ok(self.rings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        self.ring(index)?.enabled = enable;
+        if enable {
+            self.maybe_start(index as usize)
+        } else {
+            self.stop(index as usize);
+            let r = &mut self.rings[index as usize];
+            if let Some(q) = r.stopped.take() {
+                r.base = q.vring_base();
+            }
+            Ok(())
+        }
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> Result<Vec<u8>> {
+        let cfg = self.device.config();
+        let start = offset as usize;
+        let end = start.checked_add(size as usize).ok_or(VuError::InvalidParam)?;
+        let mut out = vec![0u8; size as usize];
+        if start < cfg.len() {
+            let n = end.min(cfg.len()) - start;
+            out[..n].copy_from_slice(&cfg[start..start + n]);
+        }
+        Ok(out)
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> Result<()> {
+        Err(invalid("the configuration space is read-only"))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
+        Err(invalid("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> Result<u64> {
+        Ok(MAX_REGIONS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> Result<Option<VhostUserMemoryRegionBase>> {
+        let spec = RegionSpec {
+            gpa: GuestPhysAddr::new(region.guest_phys_addr),
+            size: region.memory_size,
+            user_addr: UserAddr::new(region.user_addr),
+            fd: fd.as_fd(),
+            fd_offset: region.mmap_offset,
+        };
+        self.memory.add_region(&spec).map_err(|e| {
+            tracing::warn!(error = %e, "region refused");
+            VuError::InvalidParam
+        })?;
+        self.region_files.push(fd);
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
+        self.memory
+            .remove_region(
+                GuestPhysAddr::new(region.guest_phys_addr),
+                region.memory_size,
+                UserAddr::new(region.user_addr),
+            )
+            .map_err(|e| {
+                tracing::warn!(error = %e, "region removal refused");
+                VuError::InvalidParam
+            })
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> Result<Option<File>> {
+        Err(invalid("DEVICE_STATE is not offered"))
+    }
+
+    fn check_device_state(&mut self) -> Result<()> {
+        Err(invalid("DEVICE_STATE is not offered"))
+    }
+
+    fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
+        Err(invalid("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        // Returns only when no worker can write the old log any more.
+        self.memory.set_dirty_log(file.as_fd(), log.mmap_offset, log.mmap_size).map_err(|e| {
+            tracing::warn!(error = %e, "dirty log refused");
+            VuError::InvalidParam
+        })
+    }
+}
+
+/// Serves `device` on the Unix socket at `path`, one frontend at a time, until `stop` says so
+/// (checked between connections and once a second while waiting). Removes the socket at the end.
+pub fn serve(
+    path: &Path,
+    device: Arc<dyn Device>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::result::Result<(), ServeError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut listener =
+        Listener::new(path, true).map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
+    tracing::info!(socket = %path.display(), "listening");
+    while !stop.load(Relaxed) {
+        let backend = Arc::new(Mutex::new(VhostUserBackend::new(device.clone())));
+        let mut bl = BackendListener::new(&mut listener, backend.clone())
+            .map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
+        let _ = bl.set_nonblocking(true);
+        let mut handler = loop {
+            if stop.load(Relaxed) {
+                let _ = std::fs::remove_file(path);
+                return Ok(());
+            }
+            match bl.accept() {
+                Ok(Some(h)) => break h,
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
+        tracing::info!("frontend connected");
+        loop {
+            match handler.handle_request() {
+                Ok(()) => {}
+                Err(VuError::Disconnected | VuError::PartialMessage) => {
+                    tracing::info!("frontend disconnected");
+                    break;
+                }
+                Err(e) => {
+                    // A bad message is answered (or not) by the handler; the connection goes on
+                    // unless the socket itself failed.
+                    tracing::warn!(error = %e, "request failed");
+                    if matches!(e, VuError::SocketBroken(_) | VuError::SocketError(_)) {
+                        break;
+                    }
+                }
+            }
+        }
+        backend.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}

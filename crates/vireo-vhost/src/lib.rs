@@ -1,0 +1,23 @@
+//! Vireo's vhost-user backend: it speaks vhost-user on a Unix socket (message parsing and fd
+//! passing from rust-vmm's `vhost` crate), maps the memory it is given through
+//! `vireo-memory`, and runs each started queue on a worker thread over `vireo-queue`.
+//!
+//! # Invariants, and where each is enforced
+//!
+//! * **The reply is the barrier** (`backend.rs`): a message that retires memory (SET_MEM_TABLE,
+//!   REM_MEM_REG, SET_LOG_BASE) returns from its handler, and so is answered, only after
+//!   `GuestMemory` has quiesced every worker that could touch the retired mapping; a message that
+//!   stops or moves a ring (GET_VRING_BASE, SET_VRING_ADDR, SET_VRING_NUM) first stops that
+//!   ring's worker and joins it.
+//! * **A worker never waits on the frontend** (`worker.rs`): it only polls its kick and stop
+//!   eventfds and writes its call eventfd.
+//! * **A broken queue stops only itself**: its worker logs the error and idles until stopped.
+
+#![warn(missing_docs)]
+
+mod backend;
+mod device;
+mod worker;
+
+pub use backend::{serve, ServeError, VhostUserBackend};
+pub use device::Device;
