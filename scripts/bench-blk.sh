@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Drives vhost-user-blk backends with `vireo bench` on a null device: 4 KiB random reads at
-# iodepth 1, 32 and 128, on one and two queues; prints one JSON line per run and a table.
-# Backends measured: qemu-storage-daemon (driver=null-co). Runs are interleaved by case and
-# repeated (ROUNDS, default 3) so that drift on two shared cores spreads over all of them.
+# iodepth 1, 32 and 128, on one and two queues; prints one JSON line per run and a table with
+# the ratios. Backends: `vireo blk --null` and qemu-storage-daemon (driver=null-co). Runs are
+# interleaved (Vireo, qsd, Vireo, qsd, ...) and repeated (ROUNDS, default 3) so that drift on two
+# shared cores spreads over both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -27,17 +28,30 @@ start_qsd() { # queues -> prints pid; socket at $dir/qsd-$1.sock
   echo "$pid"
 }
 
+start_vireo() { # queues -> prints pid; socket at $dir/vireo-$1.sock
+  local q=$1 sock="$dir/vireo-$1.sock"
+  ./target/release/vireo blk --socket-path "$sock" --null "$SIZE" --num-queues "$q" >"$dir/vireo-$q.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+  [ -S "$sock" ] || { cat "$dir/vireo-$q.log" >&2; exit 1; }
+  echo "$pid"
+}
+
 results="$dir/results.jsonl"
 for round in $(seq "$ROUNDS"); do
   for q in 1 2; do
-    pid=$(start_qsd "$q"); pids+=("$pid")
+    vpid=$(start_vireo "$q"); pids+=("$vpid")
+    qpid=$(start_qsd "$q"); pids+=("$qpid")
     for depth in 1 32 128; do
-      ./target/release/vireo bench --socket-path "$dir/qsd-$q.sock" --rw randread --bs 4k \
-        --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
-        python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='qemu-storage-daemon'; d['round']=$round; print(json.dumps(d))" |
-        tee -a "$results"
+      for backend in vireo qsd; do
+        if [ "$backend" = vireo ]; then sock="$dir/vireo-$q.sock"; pid=$vpid; name=vireo; else sock="$dir/qsd-$q.sock"; pid=$qpid; name=qemu-storage-daemon; fi
+        ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k \
+          --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
+          python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='$name'; d['round']=$round; print(json.dumps(d))" |
+          tee -a "$results"
+      done
     done
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    kill "$vpid" "$qpid"; wait "$vpid" "$qpid" 2>/dev/null || true
   done
 done
 python3 - "$results" <<'PY'
@@ -45,11 +59,19 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 keys = sorted({(r['backend'], r['numjobs'], r['iodepth']) for r in rows})
 print(f"{'backend':22} {'queues':>6} {'depth':>5} {'IOPS (median; runs)':>40} {'p50 us':>7} {'p99 us':>7} {'backend ns/IO':>13}")
+meds = {}
 for k in keys:
     rs = [r for r in rows if (r['backend'], r['numjobs'], r['iodepth']) == k]
     iops = [round(r['iops']) for r in rs]
     med = lambda f: statistics.median(f(r) for r in rs)
+    meds[k] = (statistics.median(iops), med(lambda r: r['backend_cpu_ns_per_io'] or 0))
     print(f"{k[0]:22} {k[1]:>6} {k[2]:>5} {statistics.median(iops):>10.0f} {str(iops):>29} "
           f"{med(lambda r: r['lat_ns']['p50'])/1000:>7.1f} {med(lambda r: r['lat_ns']['p99'])/1000:>7.1f} "
-          f"{med(lambda r: r['backend_cpu_ns_per_io'] or 0):>13.0f}")
+          f"{meds[k][1]:>13.0f}")
+print()
+print(f"{'queues':>6} {'depth':>5} {'IOPS vireo/qsd':>15} {'backend CPU per I/O vireo/qsd':>30}")
+for (b, q, d), (iops, cpu) in sorted(meds.items()):
+    other = meds.get(('qemu-storage-daemon', q, d))
+    if b == 'vireo' and other:
+        print(f"{q:>6} {d:>5} {iops / other[0]:>15.2f} {cpu / other[1] if other[1] else float('nan'):>30.2f}")
 PY
