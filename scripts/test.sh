@@ -26,3 +26,6 @@ start=$(date +%s)
 RUSTFLAGS="--cfg vireo_loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" CARGO_TARGET_DIR=target/loom \
   cargo test --release -p vireo-memory --test loom_protocol
 echo "loom: $(( $(date +%s) - start )) s"
+
+echo "== end to end: a Linux guest in QEMU on vireo blk (installs QEMU and the guest kernel if missing)"
+./scripts/demo.sh
