@@ -29,3 +29,6 @@ echo "loom: $(( $(date +%s) - start )) s"
 
 echo "== end to end: a Linux guest in QEMU on vireo blk (installs QEMU and the guest kernel if missing)"
 ./scripts/demo.sh
+
+echo "== end to end: read-only disk and memory hotplug under I/O"
+python3 tests/e2e/run.py
