@@ -54,14 +54,15 @@ class Qmp:
 class Run:
     """One scratch directory with a vireo blk and a QEMU guest."""
 
-    def __init__(self, name, guest_script, image_mib=256, vireo_args=(), qemu_args=(), mem="512M"):
+    def __init__(self, name, guest_script, image_mib=256, vireo_args=(), qemu_args=(), mem="512M", image=None):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"vireo-e2e-{name}.")
-        self.image = os.path.join(self.dir, "disk.img")
+        self.image = image or os.path.join(self.dir, "disk.img")
         self.sock = os.path.join(self.dir, "vhost.sock")
         self.qmp_sock = os.path.join(self.dir, "qmp.sock")
-        with open(self.image, "wb") as f:
-            f.truncate(image_mib << 20)
+        if image is None:
+            with open(self.image, "wb") as f:
+                f.truncate(image_mib << 20)
         # The test's /test.sh, as a second cpio archive after the demo's initramfs.
         tdir = os.path.join(self.dir, "t")
         os.mkdir(tdir)
@@ -214,7 +215,79 @@ io C 128 || exit 1
         r.close()
 
 
-TESTS = {"read_only": test_read_only, "hotplug": test_hotplug}
+def test_migration():
+    """Live migration to a second QEMU with its own vireo blk on the same image, while the guest
+    reads the disk into its page cache and writes to it; after the switch-over the destination
+    compares every cached read with the device (O_DIRECT) and every write with its checksum.
+    Known limit: with a 1.4 s migration most of the reads land before QEMU sends their pages, so
+    this test still passed with the source's dirty logging switched off (tried); the dirty log
+    itself is proven by vireo-memory's loom models and property tests, and logged pages are
+    counted by `vireo bench --log-all`."""
+    script = "#!/bin/sh\n" + GUEST_IO + r'''
+io A 0 || exit 1
+sync; echo 3 > /proc/sys/vm/drop_caches
+echo "GUEST: READY-FOR-MIGRATION"
+i=0
+while [ $i -lt 40 ]; do
+  dd if=/dev/vda of=/dev/null bs=256k count=3 skip=$((i * 3)) status=none || exit 1
+  dd if=/dev/urandom of=/tmp/w bs=1M count=1 status=none
+  dd if=/tmp/w of=/dev/vda bs=1M seek=$((64 + i)) oflag=direct status=none || exit 1
+  sha256sum /tmp/w | cut -d' ' -f1 > /tmp/w$i.sha
+  i=$((i+1))
+done
+echo "GUEST: loop done"
+bad=0; i=0
+while [ $i -lt 40 ]; do
+  C=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) status=none | sha256sum | cut -d' ' -f1)
+  D=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
+  [ "$C" = "$D" ] || { echo "GUEST: page cache of read $i arrived stale"; bad=1; }
+  W=$(dd if=/dev/vda bs=1M count=1 skip=$((64 + i)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
+  [ "$W" = "$(cat /tmp/w$i.sha)" ] || { echo "GUEST: write $i lost"; bad=1; }
+  i=$((i+1))
+done
+echo "GUEST: 40 cached reads and 40 writes checked after migration"
+[ $bad = 0 ]
+'''
+    src = Run("mig-src", script)
+    dst = None
+    try:
+        dst = Run("mig-dst", script, image=src.image,
+                  qemu_args=["-incoming", f"unix:{os.path.join(src.dir, 'mig.sock')}"])
+        if not src.wait_line("READY-FOR-MIGRATION"):
+            return False, "guest never got ready"
+        qs = Qmp(src.qmp_sock)
+        Qmp(dst.qmp_sock)  # the destination is listening once its QMP answers
+        qs.cmd("migrate", uri=f"unix:{os.path.join(src.dir, 'mig.sock')}")
+        t = time.monotonic()
+        status = ""
+        while time.monotonic() - t < 240:
+            info = qs.cmd("query-migrate")
+            status = info.get("status", "")
+            if status in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - t
+        if status != "completed":
+            return False, f"migration {status}"
+        downtime = info.get("downtime", "?")
+        mid_loop = not any("loop done" in l for l in src.lines)
+        try:
+            qs.cmd("quit")
+        except Exception:
+            pass
+        ok = dst.finish()
+        logs = src.log() + dst.log()
+        warn = logs.count("WARN")
+        return ok and mid_loop and warn == 0, (
+            f"guest {'PASS' if ok else 'FAIL'} on the destination, migration {took:.1f}s "
+            f"(downtime {downtime} ms), switched over during the I/O loop: {mid_loop}, vireo warnings: {warn}")
+    finally:
+        if dst is not None:
+            dst.close()
+        src.close()
+
+
+TESTS = {"read_only": test_read_only, "hotplug": test_hotplug, "migration": test_migration}
 
 
 def main():

@@ -202,6 +202,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         if features & !self.features != 0 {
             return Err(invalid("features not offered"));
         }
+        if (features ^ self.acked_features) & VHOST_F_LOG_ALL != 0 {
+            tracing::info!(on = features & VHOST_F_LOG_ALL != 0, "dirty logging (VHOST_F_LOG_ALL)");
+        }
         self.acked_features = features;
         // VHOST_F_LOG_ALL both ways: on waits for running batches (GuestMemory::set_logging).
         self.memory.set_logging(features & VHOST_F_LOG_ALL != 0);
@@ -425,6 +428,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        tracing::info!(size = log.mmap_size, offset = log.mmap_offset, "new dirty log");
         // Returns only when no worker can write the old log any more.
         self.memory.set_dirty_log(file.as_fd(), log.mmap_offset, log.mmap_size).map_err(|e| {
             tracing::warn!(error = %e, "dirty log refused");
