@@ -54,7 +54,8 @@ class Qmp:
 class Run:
     """One scratch directory with a vireo blk and a QEMU guest."""
 
-    def __init__(self, name, guest_script, image_mib=256, vireo_args=(), qemu_args=(), mem="512M", image=None):
+    def __init__(self, name, guest_script, image_mib=256, vireo_args=(), qemu_args=(), mem="512M", image=None,
+                 cmdline=""):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"vireo-e2e-{name}.")
         self.image = image or os.path.join(self.dir, "disk.img")
@@ -94,8 +95,8 @@ class Run:
              "-chardev", f"socket,id=vu0,path={self.sock}", "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2",
              *qemu_args,
              "-kernel", os.path.join(CACHE, "vmlinux"), "-initrd", self.initrd,
-             "-append", "console=ttyS0 panic=-1 quiet"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "-append", f"console=ttyS0 panic=-1 quiet {cmdline}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -105,6 +106,11 @@ class Run:
             self.lines.append(line)
             if "GUEST" in line:
                 print(f"  [{self.name} {time.monotonic() - self.t0:6.1f}s] {line}", flush=True)
+
+    def send(self, text):
+        """Types a line on the guest's console (the test script reads it)."""
+        self.qemu.stdin.write(text.encode() + b"\n")
+        self.qemu.stdin.flush()
 
     def wait_line(self, text, timeout=120):
         deadline = time.monotonic() + timeout
@@ -216,71 +222,97 @@ io C 128 || exit 1
 
 
 def test_migration():
-    """Live migration to a second QEMU with its own vireo blk on the same image, while the guest
-    reads the disk into its page cache and writes to it; after the switch-over the destination
-    compares every cached read with the device (O_DIRECT) and every write with its checksum.
-    Known limit: with a 1.4 s migration most of the reads land before QEMU sends their pages, so
-    this test still passed with the source's dirty logging switched off (tried); the dirty log
-    itself is proven by vireo-memory's loom models and property tests, and logged pages are
-    counted by `vireo bench --log-all`."""
+    """Live migration to a second QEMU with its own vireo blk on the same image. QEMU's first
+    pass over guest RAM is throttled and the guest keeps dirtying memory so that migration cannot
+    converge; once the first pass has sent every page, the guest reads the disk into its page
+    cache (the device writes those pages) and writes to the disk; after the switch-over the
+    destination compares every cached read with the device (O_DIRECT) and checks every write.
+
+    Known limit, stated plainly: this test still passed with the source's dirty logging forced
+    off (tried, with and without init_on_alloc=0), so it does not yet prove that device writes
+    are logged; something in QEMU resends those pages anyway and is not understood yet. The dirty
+    log itself is proven by vireo-memory's loom models and property tests, and `vireo bench
+    --log-all` counts the pages the backend logs."""
     script = "#!/bin/sh\n" + GUEST_IO + r'''
 io A 0 || exit 1
 sync; echo 3 > /proc/sys/vm/drop_caches
+# Keep dirtying memory faster than the throttled migration sends it, so that it cannot finish
+# before the reads below are done.
+( while [ ! -f /tmp/stop ]; do dd if=/dev/urandom of=/tmp/dirty bs=1M count=16 status=none; done ) &
 echo "GUEST: READY-FOR-MIGRATION"
+read go
 i=0
 while [ $i -lt 40 ]; do
   dd if=/dev/vda of=/dev/null bs=256k count=3 skip=$((i * 3)) status=none || exit 1
-  dd if=/dev/urandom of=/tmp/w bs=1M count=1 status=none
-  dd if=/tmp/w of=/dev/vda bs=1M seek=$((64 + i)) oflag=direct status=none || exit 1
+  dd if=/dev/urandom of=/tmp/w bs=64k count=1 status=none
+  dd if=/tmp/w of=/dev/vda bs=64k seek=$((1024 + i)) oflag=direct status=none || exit 1
   sha256sum /tmp/w | cut -d' ' -f1 > /tmp/w$i.sha
   i=$((i+1))
 done
-echo "GUEST: loop done"
+touch /tmp/stop; wait
+rm -f /tmp/dirty
+echo "GUEST: READS-DONE"
+read check
 bad=0; i=0
 while [ $i -lt 40 ]; do
   C=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) status=none | sha256sum | cut -d' ' -f1)
   D=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
   [ "$C" = "$D" ] || { echo "GUEST: page cache of read $i arrived stale"; bad=1; }
-  W=$(dd if=/dev/vda bs=1M count=1 skip=$((64 + i)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
+  W=$(dd if=/dev/vda bs=64k count=1 skip=$((1024 + i)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
   [ "$W" = "$(cat /tmp/w$i.sha)" ] || { echo "GUEST: write $i lost"; bad=1; }
   i=$((i+1))
 done
 echo "GUEST: 40 cached reads and 40 writes checked after migration"
 [ $bad = 0 ]
 '''
-    src = Run("mig-src", script)
+    # init_on_alloc=0: Debian's kernel zeroes every page it allocates by default; without that
+    # CPU write only the device writes the page cache pages.
+    src = Run("mig-src", script, cmdline="init_on_alloc=0")
     dst = None
     try:
-        dst = Run("mig-dst", script, image=src.image,
-                  qemu_args=["-incoming", f"unix:{os.path.join(src.dir, 'mig.sock')}"])
+        mig = os.path.join(src.dir, "mig.sock")
+        dst = Run("mig-dst", script, image=src.image, qemu_args=["-incoming", f"unix:{mig}"], cmdline="init_on_alloc=0")
         if not src.wait_line("READY-FOR-MIGRATION"):
             return False, "guest never got ready"
         qs = Qmp(src.qmp_sock)
         Qmp(dst.qmp_sock)  # the destination is listening once its QMP answers
-        qs.cmd("migrate", uri=f"unix:{os.path.join(src.dir, 'mig.sock')}")
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+        qs.cmd("migrate", uri=f"unix:{mig}")
         t = time.monotonic()
+        # Wait for the end of the first pass over RAM (its second dirty-bitmap sync).
+        while time.monotonic() - t < 120:
+            info = qs.cmd("query-migrate")
+            if info.get("status") not in ("setup", "active") or info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                break
+            time.sleep(0.05)
+        first_pass = time.monotonic() - t
+        src.send("go")
+        if not src.wait_line("READS-DONE", timeout=120):
+            return False, "the guest's reads did not finish on the source"
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
         status = ""
         while time.monotonic() - t < 240:
             info = qs.cmd("query-migrate")
             status = info.get("status", "")
             if status in ("completed", "failed", "cancelled"):
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         took = time.monotonic() - t
         if status != "completed":
             return False, f"migration {status}"
         downtime = info.get("downtime", "?")
-        mid_loop = not any("loop done" in l for l in src.lines)
         try:
             qs.cmd("quit")
         except Exception:
             pass
+        dst.send("check")
         ok = dst.finish()
         logs = src.log() + dst.log()
         warn = logs.count("WARN")
-        return ok and mid_loop and warn == 0, (
-            f"guest {'PASS' if ok else 'FAIL'} on the destination, migration {took:.1f}s "
-            f"(downtime {downtime} ms), switched over during the I/O loop: {mid_loop}, vireo warnings: {warn}")
+        logged = "dirty logging (VHOST_F_LOG_ALL) on=true" in src.log()
+        return ok and logged and warn == 0, (
+            f"guest {'PASS' if ok else 'FAIL'} on the destination; first pass {first_pass:.1f}s, migration "
+            f"{took:.1f}s, downtime {downtime} ms; source logged: {logged}; vireo warnings: {warn}")
     finally:
         if dst is not None:
             dst.close()

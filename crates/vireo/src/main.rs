@@ -185,7 +185,12 @@ fn memory_demo(workers: usize, remaps: u64, retire: Retire) -> Result<bool, stre
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::MemoryDemo { workers, remaps, retire } => memory_demo(workers, remaps, retire),
