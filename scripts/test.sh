@@ -30,5 +30,5 @@ echo "loom: $(( $(date +%s) - start )) s"
 echo "== end to end: a Linux guest in QEMU on vireo blk (installs QEMU and the guest kernel if missing)"
 ./scripts/demo.sh
 
-echo "== end to end: read-only disk and memory hotplug under I/O"
+echo "== end to end: read-only disk, memory hotplug under I/O, live migration (tests/e2e/run.py)"
 python3 tests/e2e/run.py
