@@ -21,29 +21,32 @@ use vireo_vhost::Device;
 
 const SECTOR: u64 = 512;
 
-/// virtio-blk request types.
+/// virtio-blk request types, from virtio-bindings.
 mod req {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const DISCARD: u32 = 11;
-    pub const WRITE_ZEROES: u32 = 13;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD as DISCARD, VIRTIO_BLK_T_FLUSH as FLUSH, VIRTIO_BLK_T_GET_ID as GET_ID,
+        VIRTIO_BLK_T_IN as IN, VIRTIO_BLK_T_OUT as OUT, VIRTIO_BLK_T_WRITE_ZEROES as WRITE_ZEROES,
+    };
 }
 
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk as vblk;
+// The status values are small constants (0, 1, 2); the bindings type them u32.
+#[allow(clippy::cast_possible_truncation)]
+const S_OK: u8 = vblk::VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)]
+const S_IOERR: u8 = vblk::VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation)]
+const S_UNSUPP: u8 = vblk::VIRTIO_BLK_S_UNSUPP as u8;
 
-const F_SIZE_MAX: u64 = 1 << 1;
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_TOPOLOGY: u64 = 1 << 10;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_SIZE_MAX: u64 = 1 << vblk::VIRTIO_BLK_F_SIZE_MAX;
+const F_SEG_MAX: u64 = 1 << vblk::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << vblk::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u64 = 1 << vblk::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u64 = 1 << vblk::VIRTIO_BLK_F_FLUSH;
+const F_TOPOLOGY: u64 = 1 << vblk::VIRTIO_BLK_F_TOPOLOGY;
+const F_MQ: u64 = 1 << vblk::VIRTIO_BLK_F_MQ;
+const F_DISCARD: u64 = 1 << vblk::VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u64 = 1 << vblk::VIRTIO_BLK_F_WRITE_ZEROES;
 
 /// Where the blocks live.
 #[derive(Debug)]

@@ -17,46 +17,40 @@ use crate::virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};
 
 /// virtio-blk request types (virtio 1.x 5.2.6).
 pub mod req {
-    /// Read.
-    pub const IN: u32 = 0;
-    /// Write.
-    pub const OUT: u32 = 1;
-    /// Flush the write cache.
-    pub const FLUSH: u32 = 4;
-    /// Device id string (20 bytes).
-    pub const GET_ID: u32 = 8;
-    /// Discard.
-    pub const DISCARD: u32 = 11;
-    /// Write zeroes.
-    pub const WRITE_ZEROES: u32 = 13;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD as DISCARD, VIRTIO_BLK_T_FLUSH as FLUSH, VIRTIO_BLK_T_GET_ID as GET_ID,
+        VIRTIO_BLK_T_IN as IN, VIRTIO_BLK_T_OUT as OUT, VIRTIO_BLK_T_WRITE_ZEROES as WRITE_ZEROES,
+    };
 }
 
-/// virtio-blk status byte values.
+/// virtio-blk status byte values (small constants the bindings type as u32).
+#[allow(clippy::cast_possible_truncation)]
 pub mod status {
     /// Success.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
     /// I/O error.
-    pub const IOERR: u8 = 1;
+    pub const IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
     /// Unsupported request.
-    pub const UNSUPP: u8 = 2;
+    pub const UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VHOST_F_LOG_ALL: u64 = 1 << 26;
+use virtio_bindings::virtio_blk as vblk;
+const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << vblk::VIRTIO_BLK_F_SEG_MAX;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << vblk::VIRTIO_BLK_F_BLK_SIZE;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << vblk::VIRTIO_BLK_F_FLUSH;
+const VIRTIO_BLK_F_MQ: u64 = 1 << vblk::VIRTIO_BLK_F_MQ;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << vblk::VIRTIO_BLK_F_DISCARD;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << vblk::VIRTIO_BLK_F_WRITE_ZEROES;
+const VIRTIO_BLK_F_RO: u64 = 1 << vblk::VIRTIO_BLK_F_RO;
+const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// How long the driver waits for any vhost-user reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 
 /// Errors of the vhost-user block driver.
 #[derive(Debug, thiserror::Error)]

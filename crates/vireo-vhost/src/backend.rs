@@ -20,12 +20,13 @@ use crate::worker::Worker;
 
 type Result<T> = std::result::Result<T, VuError>;
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VHOST_F_LOG_ALL: u64 = 1 << 26;
+// Feature bit numbers from virtio-bindings, the vhost ones from the vhost crate.
+const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// Errors of the server loop.
 #[derive(Debug, thiserror::Error)]

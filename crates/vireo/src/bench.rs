@@ -89,7 +89,8 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// A byte count with an optional k/m/g suffix (powers of two), as fio and QEMU take them.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim().to_ascii_lowercase();
     let (num, mult) = match s.chars().last() {
         Some('k') => (&s[..s.len() - 1], 1u64 << 10),

@@ -59,7 +59,7 @@ struct BlkArgs {
     image: Option<std::path::PathBuf>,
     /// Serve a null device of this size instead (k/m/g suffixes): writes are dropped, reads
     /// return whatever the buffer held, like QEMU's null-co. For measuring the data path alone.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = bench::parse_size)]
     null: Option<u64>,
     /// Refuse writes (the guest sees VIRTIO_BLK_F_RO; writes complete with IOERR).
     #[arg(long)]
@@ -73,17 +73,6 @@ struct BlkArgs {
     /// The device id the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, default_value = "vireo")]
     serial: String,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (&t[..], 1),
-    };
-    num.parse::<u64>().map(|n| n * mult).map_err(|e| format!("bad size {s:?}: {e}"))
 }
 
 /// Errors of `vireo blk`.
