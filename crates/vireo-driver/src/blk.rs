@@ -117,7 +117,8 @@ impl Watchdog {
                 .name("vhost-user-watchdog".into())
                 .spawn(move || {
                     while !stop.load(Relaxed) {
-                        std::thread::sleep(Duration::from_millis(50));
+                        // Parked, so that Drop's unpark ends the thread at once.
+                        std::thread::park_timeout(Duration::from_millis(50));
                         let d = deadline.load(Relaxed);
                         let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
                         if d != 0 && now > d {
@@ -147,6 +148,7 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

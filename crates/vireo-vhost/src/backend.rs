@@ -449,6 +449,7 @@ pub fn serve(
     let mut listener =
         Listener::new(path, true).map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
     tracing::info!(socket = %path.display(), "listening");
+    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     while !stop.load(Relaxed) {
         let backend = Arc::new(Mutex::new(VhostUserBackend::new(device.clone())));
         let mut bl = BackendListener::new(&mut listener, backend.clone())
@@ -461,7 +462,14 @@ pub fn serve(
             }
             match bl.accept() {
                 Ok(Some(h)) => break h,
-                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Ok(None) => {
+                    // SAFETY: the listener outlives this loop; the fd is only polled.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listen_fd) };
+                    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                    // Wake for a connection at once, and at least every 200 ms to look at `stop`.
+                    let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
+                    let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     std::thread::sleep(std::time::Duration::from_millis(20));
