@@ -229,16 +229,19 @@ def test_migration():
     destination compares every cached read with the device (O_DIRECT) and checks every write.
 
     Known limit, stated plainly: this test still passed with the source's dirty logging forced
-    off (tried, with and without init_on_alloc=0), so it does not yet prove that device writes
-    are logged; something in QEMU resends those pages anyway and is not understood yet. The dirty
+    off (tried with and without init_on_alloc=0, and with a dirtier that frees pages and one that
+    does not), so it does not yet prove that device writes are logged; something resends those
+    pages anyway and is not understood yet. The dirty
     log itself is proven by vireo-memory's loom models and property tests, and `vireo bench
     --log-all` counts the pages the backend logs."""
     script = "#!/bin/sh\n" + GUEST_IO + r'''
 io A 0 || exit 1
-sync; echo 3 > /proc/sys/vm/drop_caches
 # Keep dirtying memory faster than the throttled migration sends it, so that it cannot finish
-# before the reads below are done.
-( while [ ! -f /tmp/stop ]; do dd if=/dev/urandom of=/tmp/dirty bs=1M count=16 status=none; done ) &
+# before the reads below are done. The file is rewritten in place (notrunc): its pages are never
+# freed, so the pages the reads get from the allocator are ones no CPU wrote since QEMU sent them.
+dd if=/dev/zero of=/tmp/dirty bs=1M count=16 status=none
+sync; echo 3 > /proc/sys/vm/drop_caches
+( while [ ! -f /tmp/stop ]; do dd if=/dev/urandom of=/tmp/dirty bs=1M count=16 conv=notrunc status=none; done ) &
 echo "GUEST: READY-FOR-MIGRATION"
 read go
 i=0
