@@ -304,6 +304,7 @@ echo "GUEST: 40 cached reads and 40 writes checked after migration"
         if status != "completed":
             return False, f"migration {status}"
         downtime = info.get("downtime", "?")
+        ram = info.get("ram", {})
         try:
             qs.cmd("quit")
         except Exception:
@@ -315,7 +316,8 @@ echo "GUEST: 40 cached reads and 40 writes checked after migration"
         logged = "dirty logging (VHOST_F_LOG_ALL) on=true" in src.log()
         return ok and logged and warn == 0, (
             f"guest {'PASS' if ok else 'FAIL'} on the destination; first pass {first_pass:.1f}s, migration "
-            f"{took:.1f}s, downtime {downtime} ms; source logged: {logged}; vireo warnings: {warn}")
+            f"{took:.1f}s, downtime {downtime} ms, {ram.get('normal', '?')} pages sent in "
+            f"{ram.get('dirty-sync-count', '?')} passes; source logged: {logged}; vireo warnings: {warn}")
     finally:
         if dst is not None:
             dst.close()
