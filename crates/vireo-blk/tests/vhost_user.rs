@@ -23,6 +23,10 @@ struct Server {
 
 impl Server {
     fn start(name: &str, size: u64, read_only: bool, queues: u16) -> Self {
+        Self::start_with(name, size, read_only, queues, false)
+    }
+
+    fn start_with(name: &str, size: u64, read_only: bool, queues: u16, poll: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("vireo-blk-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -37,7 +41,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (sock, stop) = (sock.clone(), stop.clone());
-            std::thread::spawn(move || vireo_vhost::serve(&sock, Arc::new(device), &stop).unwrap())
+            std::thread::spawn(move || vireo_vhost::serve_with(&sock, Arc::new(device), &stop, poll).unwrap())
         };
         let t = Instant::now();
         while !sock.exists() {
@@ -151,4 +155,18 @@ fn memory_table_churn_under_io() {
         }
     }
     assert!(churns >= 300);
+}
+
+/// Busy-polling workers (`vireo blk --poll`): the same data checks, on two queues.
+#[test]
+fn polling_workers() {
+    let srv = Server::start_with("poll", 4 << 20, false, 2, true);
+    let opts = BlkOptions { num_queues: 2, ..BlkOptions::default() };
+    let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
+    for i in 0..64u64 {
+        let data = pattern(i + 7, 4096);
+        assert_eq!(dev.write(i * 8, &data).unwrap(), status::OK);
+        assert_eq!(dev.read(i * 8, 4096).unwrap(), (status::OK, data));
+    }
+    assert_eq!(dev.get_id().unwrap(), (status::OK, "vireo-poll".to_string()));
 }

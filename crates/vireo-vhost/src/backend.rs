@@ -67,6 +67,8 @@ pub struct VhostUserBackend {
     rings: Vec<Ring>,
     /// The files behind the current regions, kept open as long as they are mapped.
     region_files: Vec<File>,
+    /// Workers busy-poll their rings instead of waiting for kicks.
+    poll: bool,
 }
 
 impl std::fmt::Debug for VhostUserBackend {
@@ -81,8 +83,8 @@ fn invalid(what: &'static str) -> VuError {
 }
 
 impl VhostUserBackend {
-    /// Backend state for a new connection to `device`.
-    pub fn new(device: Arc<dyn Device>) -> Self {
+    /// Backend state for a new connection to `device`; with `poll`, queue workers busy-poll.
+    pub fn new(device: Arc<dyn Device>, poll: bool) -> Self {
         let features = device.features()
             | VIRTIO_F_VERSION_1
             | VIRTIO_F_RING_PACKED
@@ -99,6 +101,7 @@ impl VhostUserBackend {
             protocol_features: 0,
             rings,
             region_files: Vec::new(),
+            poll,
         }
     }
 
@@ -142,7 +145,8 @@ impl VhostUserBackend {
         queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
         let kick = r.kick.as_ref().and_then(|k| k.try_clone().ok()).ok_or_else(|| invalid("kick fd"))?;
         let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
-        let worker = Worker::start(index, queue, kick, call, self.device.clone()).map_err(VuError::ReqHandlerError)?;
+        let worker = Worker::start(index, queue, kick, call, self.device.clone(), self.poll)
+            .map_err(VuError::ReqHandlerError)?;
         self.rings[index].worker = Some(worker);
         self.rings[index].stopped = None;
         tracing::debug!(queue = index, "queue started");
@@ -439,11 +443,21 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
 }
 
 /// Serves `device` on the Unix socket at `path`, one frontend at a time, until `stop` says so
-/// (checked between connections and once a second while waiting). Removes the socket at the end.
+/// (checked between connections and while waiting). Removes the socket at the end.
 pub fn serve(
     path: &Path,
     device: Arc<dyn Device>,
     stop: &std::sync::atomic::AtomicBool,
+) -> std::result::Result<(), ServeError> {
+    serve_with(path, device, stop, false)
+}
+
+/// As [`serve`]; with `poll`, every started queue gets a busy-polling worker.
+pub fn serve_with(
+    path: &Path,
+    device: Arc<dyn Device>,
+    stop: &std::sync::atomic::AtomicBool,
+    poll: bool,
 ) -> std::result::Result<(), ServeError> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut listener =
@@ -451,7 +465,7 @@ pub fn serve(
     tracing::info!(socket = %path.display(), "listening");
     let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     while !stop.load(Relaxed) {
-        let backend = Arc::new(Mutex::new(VhostUserBackend::new(device.clone())));
+        let backend = Arc::new(Mutex::new(VhostUserBackend::new(device.clone(), poll)));
         let mut bl = BackendListener::new(&mut listener, backend.clone())
             .map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
         let _ = bl.set_nonblocking(true);

@@ -19,5 +19,5 @@ mod backend;
 mod device;
 mod worker;
 
-pub use backend::{serve, ServeError, VhostUserBackend};
+pub use backend::{serve, serve_with, ServeError, VhostUserBackend};
 pub use device::Device;

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -16,30 +17,89 @@ use crate::device::Device;
 /// A running queue.
 pub(crate) struct Worker {
     stop: EventFd,
+    stopping: Arc<AtomicBool>,
     thread: JoinHandle<Queue>,
 }
 
 impl Worker {
+    /// Starts a worker; with `poll` it busy-polls the ring (no kicks, one core per queue).
     pub fn start(
         index: usize,
         queue: Queue,
         kick: File,
         call: Option<File>,
         device: Arc<dyn Device>,
+        poll: bool,
     ) -> std::io::Result<Self> {
         let stop = EventFd::new(0)?;
         let stop2 = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("vireo-queue-{index}"))
-            .spawn(move || run(index, queue, kick, call, stop2, device))?;
-        Ok(Self { stop, thread })
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopping2 = stopping.clone();
+        let thread = std::thread::Builder::new().name(format!("vireo-queue-{index}")).spawn(move || {
+            if poll {
+                run_polling(index, queue, call, &stopping2, device)
+            } else {
+                run(index, queue, kick, call, stop2, device)
+            }
+        })?;
+        Ok(Self { stop, stopping, thread })
     }
 
     /// Stops the worker and waits for it: from here no thread touches the queue.
     pub fn stop(self) -> Option<Queue> {
+        self.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.write(1);
         self.thread.join().ok()
     }
+}
+
+/// Busy-polling: process the ring continuously with driver notifications off, until stopped.
+fn run_polling(
+    index: usize,
+    mut queue: Queue,
+    mut call: Option<File>,
+    stop: &AtomicBool,
+    device: Arc<dyn Device>,
+) -> Queue {
+    let mut idle = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let res = queue.process(|qb| {
+            qb.disable_notification()?;
+            let mem = qb.memory();
+            let mut n = 0u32;
+            while let Some(chain) = qb.pop()? {
+                let written = device.handle(index, &chain, mem);
+                chain.log_written(mem, written)?;
+                let token = chain.token();
+                qb.add_used(token, written)?;
+                n += 1;
+            }
+            Ok::<u32, vireo_queue::QueueError>(n)
+        });
+        match res {
+            Ok((Ok(n), notify)) => {
+                if notify {
+                    if let Some(c) = call.as_mut() {
+                        let _ = c.write(&1u64.to_ne_bytes());
+                    }
+                }
+                // Spin while there is work; after a long idle stretch give the core away briefly.
+                idle = if n == 0 { idle.saturating_add(1) } else { 0 };
+                if idle > 100_000 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            Ok((Err(e), _)) | Err(e) => {
+                tracing::warn!(queue = index, error = %e, "queue broken; it stays stopped until reset");
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    queue
 }
 
 fn drain(f: &File) {

@@ -73,6 +73,10 @@ struct BlkArgs {
     /// The device id the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, default_value = "vireo")]
     serial: String,
+    /// Busy-poll each queue on its own thread instead of waiting for the guest's kicks (lower
+    /// latency at the price of one busy core per queue).
+    #[arg(long)]
+    poll: bool,
 }
 
 /// Errors of `vireo blk`.
@@ -124,7 +128,7 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
     }
-    vireo_vhost::serve(&a.socket_path, Arc::new(device), &stop)?;
+    vireo_vhost::serve_with(&a.socket_path, Arc::new(device), &stop, a.poll)?;
     Ok(())
 }
 
