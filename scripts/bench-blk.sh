@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Drives vhost-user-blk backends with `vireo bench` on a null device: 4 KiB random reads at
 # iodepth 1, 32 and 128, on one and two queues; prints one JSON line per run and a table with
-# the ratios. Backends: `vireo blk --null` and qemu-storage-daemon (driver=null-co). Runs are
-# interleaved (Vireo, qsd, Vireo, qsd, ...) and repeated (ROUNDS, default 3) so that drift on two
+# the ratios. Backends: `vireo blk --null`, the same with `--poll`, and qemu-storage-daemon
+# (driver=null-co). Runs are interleaved (Vireo, Vireo --poll, qsd, ...) and repeated (ROUNDS, default 3) so that drift on two
 # shared cores spreads over both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,9 @@ start_qsd() { # queues -> prints pid; socket at $dir/qsd-$1.sock
   echo "$pid"
 }
 
-start_vireo() { # queues -> prints pid; socket at $dir/vireo-$1.sock
-  local q=$1 sock="$dir/vireo-$1.sock"
-  ./target/release/vireo blk --socket-path "$sock" --null "$SIZE" --num-queues "$q" >"$dir/vireo-$q.log" 2>&1 &
+start_vireo() { # queues [extra flag] -> prints pid; socket at $dir/vireo$2-$1.sock
+  local q=$1 flag=${2:-} sock="$dir/vireo${2:-}-$1.sock"
+  ./target/release/vireo blk --socket-path "$sock" --null "$SIZE" --num-queues "$q" $flag >"$dir/vireo$flag-$q.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
   [ -S "$sock" ] || { cat "$dir/vireo-$q.log" >&2; exit 1; }
@@ -41,17 +41,22 @@ results="$dir/results.jsonl"
 for round in $(seq "$ROUNDS"); do
   for q in 1 2; do
     vpid=$(start_vireo "$q"); pids+=("$vpid")
+    ppid_=$(start_vireo "$q" --poll); pids+=("$ppid_")
     qpid=$(start_qsd "$q"); pids+=("$qpid")
     for depth in 1 32 128; do
-      for backend in vireo qsd; do
-        if [ "$backend" = vireo ]; then sock="$dir/vireo-$q.sock"; pid=$vpid; name=vireo; else sock="$dir/qsd-$q.sock"; pid=$qpid; name=qemu-storage-daemon; fi
+      for backend in vireo vireo-poll qsd; do
+        case $backend in
+          vireo) sock="$dir/vireo-$q.sock"; pid=$vpid; name=vireo ;;
+          vireo-poll) sock="$dir/vireo--poll-$q.sock"; pid=$ppid_; name="vireo --poll" ;;
+          *) sock="$dir/qsd-$q.sock"; pid=$qpid; name=qemu-storage-daemon ;;
+        esac
         ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k \
           --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
           python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='$name'; d['round']=$round; print(json.dumps(d))" |
           tee -a "$results"
       done
     done
-    kill "$vpid" "$qpid"; wait "$vpid" "$qpid" 2>/dev/null || true
+    kill "$vpid" "$ppid_" "$qpid"; wait "$vpid" "$ppid_" "$qpid" 2>/dev/null || true
   done
 done
 python3 - "$results" <<'PY'
@@ -69,9 +74,9 @@ for k in keys:
           f"{med(lambda r: r['lat_ns']['p50'])/1000:>7.1f} {med(lambda r: r['lat_ns']['p99'])/1000:>7.1f} "
           f"{meds[k][1]:>13.0f}")
 print()
-print(f"{'queues':>6} {'depth':>5} {'IOPS vireo/qsd':>15} {'backend CPU per I/O vireo/qsd':>30}")
+print(f"{'backend':14} {'queues':>6} {'depth':>5} {'IOPS / qsd':>11} {'backend CPU per I/O / qsd':>26}")
 for (b, q, d), (iops, cpu) in sorted(meds.items()):
     other = meds.get(('qemu-storage-daemon', q, d))
-    if b == 'vireo' and other:
-        print(f"{q:>6} {d:>5} {iops / other[0]:>15.2f} {cpu / other[1] if other[1] else float('nan'):>30.2f}")
+    if b.startswith('vireo') and other:
+        print(f"{b:14} {q:>6} {d:>5} {iops / other[0]:>11.2f} {cpu / other[1] if other[1] else float('nan'):>26.2f}")
 PY
