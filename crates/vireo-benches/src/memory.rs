@@ -16,17 +16,6 @@ use crate::harness::{interleave, percentile, round, time_per_op};
 const REGION: u64 = 1 << 20;
 const STRIDE: u64 = 2 << 20;
 
-/// A deterministic xorshift, so that both sides translate the same addresses.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn lookup(regions: u64, rounds: usize, ops: u64) -> Value {
     let fd = memfd("bench", REGION).expect("memfd");
     let specs: Vec<RegionSpec<'_>> = (0..regions)
@@ -44,7 +33,8 @@ fn lookup(regions: u64, rounds: usize, ops: u64) -> Value {
     let ranges: Vec<(GuestAddress, usize)> =
         (0..regions).map(|i| (GuestAddress(i * STRIDE), REGION as usize)).collect();
     let peer = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("vm-memory regions");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Deterministic, so that both sides translate the same addresses.
+    let mut rng = vireo_driver::XorShift::new(0x9e37_79b9_7f4a_7c15);
     let addrs: Vec<u64> = (0..4096).map(|_| (rng.next() % regions) * STRIDE + rng.next() % REGION).collect();
     let mask = addrs.len() as u64 - 1;
     let mut ours = || {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vireo_blk::{BlkConfig, BlkDevice as Device, Storage};
 use vireo_driver::blk::{req, status};
-use vireo_driver::{BlkDevice, BlkOptions, Completion};
+use vireo_driver::{pattern, BlkDevice, BlkOptions, Completion};
 
 struct Server {
     dir: PathBuf,
@@ -61,18 +61,6 @@ impl Drop for Server {
         assert!(!self.sock.exists(), "the socket is removed on shutdown");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

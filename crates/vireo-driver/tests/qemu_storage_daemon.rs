@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vireo_driver::blk::{req, status};
-use vireo_driver::{BlkDevice, BlkOptions, Completion};
+use vireo_driver::{pattern, BlkDevice, BlkOptions, Completion};
 
 /// A qemu-storage-daemon exporting a fresh image; killed and cleaned up on drop.
 struct Qsd {
@@ -62,18 +62,6 @@ impl Drop for Qsd {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -190,23 +190,12 @@ fn cpu_ns_of(pid: u32) -> Option<u64> {
 
 /// A deterministic pattern for block `block`, generation `gen`.
 fn fill_pattern(buf: &mut [u8], block: u64, gen: u32) {
-    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(gen).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) | 1;
+    let mut x = vireo_driver::XorShift::new(
+        block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(gen).wrapping_mul(0xc2b2_ae3d_27d4_eb4f),
+    );
     for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
+        let b = x.next().to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 
@@ -264,7 +253,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
     let mut gens: Vec<u32> = if a.verify { vec![0; usize::try_from(blocks).unwrap_or(0)] } else { Vec::new() };
     let mut busy: Vec<u32> = if a.verify { vec![0; gens.len()] } else { Vec::new() };
     let mut hist = Histogram::new();
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = vireo_driver::XorShift::new(0x2545_f491_4f6c_dd1d);
     let mut seq = 0u64;
     let mut buf = vec![0u8; bs];
     let (mut ios, mut bytes) = (0u64, 0u64);
