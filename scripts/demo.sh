@@ -20,7 +20,8 @@ say() { printf '\n== %s\n' "$*"; }
 ensure_tools() {
   local need=()
   command -v qemu-system-x86_64 >/dev/null || need+=(qemu)
-  [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox)
+  # grep without -q reads all its input: an early exit would SIGPIPE busybox under pipefail.
+  [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x insmod >/dev/null || need+=(busybox)
   command -v cpio >/dev/null || need+=(cpio)
   [ ${#need[@]} -eq 0 ] && return
   say "installing ${need[*]} (Debian packages; QEMU from bookworm-backports)"
