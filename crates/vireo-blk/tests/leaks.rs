@@ -21,10 +21,8 @@ fn a_thousand_connections_leak_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("vhost.sock");
-    let device = Device::new(
-        Storage::Null { size: 1 << 20 },
-        BlkConfig { num_queues: 2, queue_size: 256, read_only: false, serial: "leaks".into() },
-    );
+    let device =
+        Device::new(Storage::Null { size: 1 << 20 }, BlkConfig { num_queues: 2, ..BlkConfig::new("leaks") }).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let (sock, stop) = (sock.clone(), stop.clone());

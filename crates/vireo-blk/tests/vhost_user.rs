@@ -36,8 +36,9 @@ impl Server {
         let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(&image).unwrap();
         let device = Device::new(
             Storage::File { file, size },
-            BlkConfig { num_queues: queues, queue_size: 256, read_only, serial: format!("vireo-{name}") },
-        );
+            BlkConfig { num_queues: queues, read_only, ..BlkConfig::new(format!("vireo-{name}")) },
+        )
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (sock, stop) = (sock.clone(), stop.clone());

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vireo_memory::GuestPhysAddr;
@@ -196,6 +196,9 @@ pub struct BlkOptions {
     /// Negotiate LOG_SHMFD so that dirty logging can be switched on
     /// ([`BlkDevice::start_dirty_log`]).
     pub log_shmfd: bool,
+    /// Negotiate INFLIGHT_SHMFD: the backend records requests in flight in memory the driver
+    /// keeps, so that after the backend dies [`BlkDevice::reconnect`] loses none.
+    pub inflight: bool,
 }
 
 impl Default for BlkOptions {
@@ -209,6 +212,7 @@ impl Default for BlkOptions {
             slots: 128,
             hugepages: false,
             log_shmfd: false,
+            inflight: false,
         }
     }
 }
@@ -261,6 +265,11 @@ pub struct BlkDevice {
     /// The dirty log, once started: its memfd and size.
     log: Option<(std::os::fd::OwnedFd, u64)>,
     watchdog: Watchdog,
+    /// Protocol features asked for (the backend's offer intersected with these).
+    proto_want: VhostUserProtocolFeatures,
+    queue_size: u16,
+    /// The inflight area the backend created (GET_INFLIGHT_FD), handed to every new connection.
+    inflight: Option<(std::fs::File, VhostUserInflight)>,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -292,6 +301,12 @@ impl BlkDevice {
                 return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
             }
             want |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
+        if opts.inflight {
+            if !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD"));
+            }
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
         watchdog.guard("SET_PROTOCOL_FEATURES", || fe.set_protocol_features(proto & want))?;
         let backend_queues = if proto.contains(VhostUserProtocolFeatures::MQ) {
@@ -342,23 +357,10 @@ impl BlkDevice {
         let per_slot = (opts.max_request as u64).div_ceil(4096) * 4096 + 4096;
         let ram_size = (num_queues * (u64::from(opts.slots) * per_slot + (1 << 20))).div_ceil(2 << 20) * (2 << 20);
         let mut ram = GuestRam::with_pages(&[(0, ram_size)], opts.hugepages)?;
-        watchdog.guard("SET_FEATURES", || fe.set_features(features))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = ram
-            .files()
-            .iter()
-            .map(|&(gpa, size, fd)| VhostUserMemoryRegionInfo {
-                guest_phys_addr: gpa.raw(),
-                memory_size: size,
-                userspace_addr: ram.user_addr(gpa).unwrap_or(0),
-                mmap_offset: 0,
-                mmap_handle: fd.as_raw_fd(),
-            })
-            .collect();
-        watchdog.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
 
         let mut queues = Vec::new();
         let num_queues = usize::try_from(num_queues).unwrap_or(1);
-        for qi in 0..num_queues {
+        for _ in 0..num_queues {
             let ring = if packed {
                 Ring::Packed(PackedDriver::new(&mut ram, opts.queue_size)?)
             } else {
@@ -376,25 +378,9 @@ impl BlkDevice {
                     Ok(Slot { header, data, status })
                 })
                 .collect::<Result<_, _>>()?;
-            watchdog.guard("SET_VRING_NUM", || fe.set_vring_num(qi, opts.queue_size))?;
-            // A packed ring starts with both wrap counters at 1 (virtio 1.x 2.8.1), bit 15 of the base.
-            let base = if packed { 0x8000 } else { 0 };
-            watchdog.guard("SET_VRING_BASE", || fe.set_vring_base(qi, base))?;
-            let cfg = VringConfigData {
-                queue_max_size: opts.queue_size,
-                queue_size: opts.queue_size,
-                flags: 0,
-                desc_table_addr: ram.user_addr(d)?,
-                used_ring_addr: ram.user_addr(u)?,
-                avail_ring_addr: ram.user_addr(a)?,
-                log_addr: None,
-            };
-            watchdog.guard("SET_VRING_ADDR", || fe.set_vring_addr(qi, &cfg))?;
+            let _ = (d, a, u);
             let kick = EventFd::new(EFD_NONBLOCK)?;
             let call = EventFd::new(EFD_NONBLOCK)?;
-            watchdog.guard("SET_VRING_CALL", || fe.set_vring_call(qi, &call))?;
-            watchdog.guard("SET_VRING_KICK", || fe.set_vring_kick(qi, &kick))?;
-            watchdog.guard("SET_VRING_ENABLE", || fe.set_vring_enable(qi, true))?;
             let n = usize::from(opts.queue_size);
             queues.push(BlkQueue {
                 ring,
@@ -406,7 +392,7 @@ impl BlkDevice {
                 pending_kick: false,
             });
         }
-        Ok(Self {
+        let mut dev = Self {
             fe,
             ram,
             queues,
@@ -417,7 +403,90 @@ impl BlkDevice {
             event_idx,
             log: None,
             watchdog,
-        })
+            proto_want: want,
+            queue_size: opts.queue_size,
+            inflight: None,
+        };
+        dev.start(opts.inflight)?;
+        Ok(dev)
+    }
+
+    /// The part of the set-up every connection repeats: features, memory table, inflight area,
+    /// and the rings (their bases read back from the rings themselves, as a frontend does after
+    /// a backend went away).
+    fn start(&mut self, want_inflight: bool) -> Result<(), BlkError> {
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        wd.guard("SET_FEATURES", || fe.set_features(self.features))?;
+        let regions = self.regions();
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        wd.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
+        let nq = u16::try_from(self.queues.len()).unwrap_or(u16::MAX);
+        if want_inflight && self.inflight.is_none() {
+            let ask = VhostUserInflight::new(0, 0, nq, self.queue_size);
+            let (info, file) = wd.guard("GET_INFLIGHT_FD", || fe.get_inflight_fd(&ask))?;
+            self.inflight = Some((file, info));
+        }
+        if let Some((file, info)) = &self.inflight {
+            wd.guard("SET_INFLIGHT_FD", || fe.set_inflight_fd(info, file.as_raw_fd()))?;
+        }
+        for (qi, q) in self.queues.iter().enumerate() {
+            wd.guard("SET_VRING_NUM", || fe.set_vring_num(qi, self.queue_size))?;
+            let (base, (d, a, u)) = match &q.ring {
+                // What the device completed is where it starts again; with an inflight area the
+                // backend resubmits what it had taken beyond that.
+                Ring::Split(r) => (r.device_used_idx(&self.ram)?, r.addrs()),
+                // A packed ring restarts at the driver's view of the device position (wrap
+                // counter in bit 15); both counters start at 1 (virtio 1.x 2.8.1).
+                Ring::Packed(r) => (r.device_position(), r.addrs()),
+            };
+            wd.guard("SET_VRING_BASE", || fe.set_vring_base(qi, base))?;
+            let cfg = VringConfigData {
+                queue_max_size: self.queue_size,
+                queue_size: self.queue_size,
+                flags: 0,
+                desc_table_addr: self.ram.user_addr(d)?,
+                used_ring_addr: self.ram.user_addr(u)?,
+                avail_ring_addr: self.ram.user_addr(a)?,
+                log_addr: None,
+            };
+            wd.guard("SET_VRING_ADDR", || fe.set_vring_addr(qi, &cfg))?;
+            wd.guard("SET_VRING_CALL", || fe.set_vring_call(qi, &q.call))?;
+            wd.guard("SET_VRING_KICK", || fe.set_vring_kick(qi, &q.kick))?;
+            wd.guard("SET_VRING_ENABLE", || fe.set_vring_enable(qi, true))?;
+        }
+        Ok(())
+    }
+
+    /// Connects again to a backend at `socket` (a restarted one, after the old one died) and
+    /// sets everything up again with the same guest RAM, rings and inflight area: requests in
+    /// flight stay in flight and complete through the new backend. Dirty logging is not
+    /// carried over.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), BlkError> {
+        let sock = std::os::unix::net::UnixStream::connect(socket)?;
+        self.watchdog = Watchdog::new(sock.try_clone()?);
+        self.fe = Frontend::from_stream(sock, self.queues.len() as u64);
+        self.log = None;
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        let offered = wd.guard("GET_FEATURES", || fe.get_features())?;
+        if offered & self.features != self.features {
+            return Err(BlkError::Missing("a feature the first backend offered"));
+        }
+        let proto = wd.guard("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
+        if !proto.contains(self.proto_want) {
+            return Err(BlkError::Missing("a protocol feature the first backend offered"));
+        }
+        wd.guard("SET_PROTOCOL_FEATURES", || fe.set_protocol_features(self.proto_want))?;
+        wd.guard("SET_OWNER", || fe.set_owner())?;
+        self.start(false)?;
+        for q in 0..self.queues.len() {
+            self.queues[q].kick.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Requests submitted and not yet completed on queue `q`.
+    pub fn in_flight(&self, q: usize) -> usize {
+        self.queues.get(q).map_or(0, |x| x.slots.len() - x.free.len())
     }
 
     fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {

@@ -272,6 +272,14 @@ impl SplitDriver {
         Ok(())
     }
 
+    /// The used index as the device last published it (what a frontend sends as the base when
+    /// a backend restarts).
+    pub fn device_used_idx(&self, ram: &GuestRam) -> Result<u16, DriverError> {
+        let used = ram.slice(self.used, 4)?;
+        let idx = used.load_u16(2, Ordering::Acquire).map_err(|_| RamError::Outside { gpa: self.used, len: 4 })?;
+        Ok(u16::from_le(idx))
+    }
+
     /// The used index the driver has consumed up to.
     pub fn last_used(&self) -> u16 {
         self.last_used
@@ -439,6 +447,12 @@ impl PackedDriver {
         );
         // DESC mode is treated as "kick": a kick too many is harmless for a model driver.
         Ok(flags != 1)
+    }
+
+    /// The device position the driver has consumed up to: slot in bits 0-14, wrap counter in
+    /// bit 15 (a 16-bit vhost-user vring base).
+    pub fn device_position(&self) -> u16 {
+        self.next_used | (u16::from(self.used_wrap) << 15)
     }
 
     /// Takes the next used element, if the device has made one visible.

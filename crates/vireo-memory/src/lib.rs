@@ -45,5 +45,5 @@ pub use dirty::{DirtyLog, LogCache};
 pub use error::MemoryError;
 pub use guest::{Batch, CachedRange, GuestMemory, IoPin, QueueHandle, QueueMemory};
 pub use map::{MemoryMap, Region, RegionSpec, Translation, MAX_REGIONS, REGION_ALIGN};
-pub use mmap::{live_mappings, memfd, RetireMode};
+pub use mmap::{live_mappings, memfd, Mapping, RetireMode};
 pub use protocol::MAX_CACHED;

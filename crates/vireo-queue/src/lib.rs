@@ -14,11 +14,15 @@
 //!   never a panic, and touch no other queue.
 //! * **Used elements are visible before the index (or flag) that publishes them**, and their
 //!   dirty-log bits are set before it too (`QueueBatch::finish`).
+//! * **A chain taken is recorded until its used element is published** when the frontend gave
+//!   an inflight region (`inflight.rs`), so that a restarted backend resubmits exactly the
+//!   chains the driver still waits for.
 
 #![warn(missing_docs)]
 
 mod chain;
 mod error;
+mod inflight;
 mod queue;
 mod rings;
 
@@ -26,4 +30,5 @@ pub use chain::{
     Chain, Descriptor, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
 };
 pub use error::QueueError;
+pub use inflight::{split_region_size, InflightRegion, INFLIGHT_ALIGN};
 pub use queue::{vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, UsedToken, MAX_QUEUE_SIZE};

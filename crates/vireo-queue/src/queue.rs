@@ -9,6 +9,7 @@ use crate::chain::{
     Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
 };
 use crate::error::QueueError;
+use crate::inflight::{Inflight, InflightRegion};
 use crate::rings::{Area, Direct, Layout, RingAccess, Translated};
 
 /// The largest queue virtio allows.
@@ -99,6 +100,10 @@ pub struct Queue {
     /// The used index (split) or used position with wrap (packed) at the last notification
     /// decision.
     signalled: u16,
+    /// Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), when the frontend gave a region.
+    inflight: Option<Box<Inflight>>,
+    /// The negotiated features, recorded in a fresh inflight region.
+    inflight_features: u64,
 }
 
 /// `slot + n` on a packed ring of `size` (`slot < size`, `n <= size`), and whether it wrapped.
@@ -155,7 +160,18 @@ impl Queue {
             }
         };
         let state = QueueState { avail_wrap: true, used_wrap: true, ..QueueState::default() };
-        Ok(Self { mem, cfg, layout, state, kind, segs: Segments::default(), broken: None, signalled: 0 })
+        Ok(Self {
+            mem,
+            cfg,
+            layout,
+            state,
+            kind,
+            segs: Segments::default(),
+            broken: None,
+            signalled: 0,
+            inflight: None,
+            inflight_features: 0,
+        })
     }
 
     /// The configuration.
@@ -228,6 +244,24 @@ impl Queue {
         Ok(())
     }
 
+    /// Tracks the chains in flight in `region` (vhost-user INFLIGHT_SHMFD), a region that
+    /// outlives the backend process. On the first batch the queue reconciles it with the used
+    /// ring and hands out again, oldest first, every chain a previous backend took and did not
+    /// complete; its next available index then follows them. Split rings only.
+    pub fn set_inflight(&mut self, region: InflightRegion, features: u64) -> Result<(), QueueError> {
+        if self.is_packed() {
+            return Err(QueueError::Config { what: "inflight tracking is implemented for split rings only" });
+        }
+        self.inflight = Some(Box::new(Inflight::new(region, self.cfg.size)?));
+        self.inflight_features = features;
+        Ok(())
+    }
+
+    /// Chains a restarted backend still has to hand out again (from the inflight region).
+    pub fn resubmissions_pending(&self) -> usize {
+        self.inflight.as_ref().map_or(0, |i| i.resubmit.len())
+    }
+
     /// Why the queue broke, if it did.
     pub fn broken(&self) -> Option<&QueueError> {
         self.broken.as_deref()
@@ -277,7 +311,11 @@ impl Queue {
             used_added: 0,
             batch_used_start: 0,
             logging: mb.logging(),
+            inflight: self.inflight.as_deref_mut(),
         };
+        if qb.inflight.as_ref().is_some_and(|i| !i.recovered) {
+            qb.recover_inflight(self.inflight_features)?;
+        }
         let r = f(&mut qb);
         let notify = qb.finish()?;
         Ok((r, notify))
@@ -304,6 +342,7 @@ pub struct QueueBatch<'b, 'q> {
     batch_used_start: u16,
     /// Whether this batch logs (read once: logging cannot change under a running batch).
     logging: bool,
+    inflight: Option<&'b mut Inflight>,
 }
 
 macro_rules! with_access {
@@ -349,6 +388,43 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         QueueError::Broken(e)
     }
 
+    #[cold]
+    fn recover_inflight(&mut self, features: u64) -> Result<(), QueueError> {
+        self.ensure_used_known().map_err(|e| self.fail(e))?;
+        let used = self.state.next_used;
+        let Some(inf) = self.inflight.as_mut() else { return Ok(()) };
+        let count = inf.recover(used, features).map_err(|e| self.fail(e))?;
+        if count > 0 {
+            tracing::info!(resubmit = count, used, "inflight chains from a previous backend will be resubmitted");
+            // Every chain before these in the ring is complete: the next new one follows them.
+            self.state.next_avail = used.wrapping_add(count);
+            if let Kind::Split { avail_shadow, .. } = self.kind {
+                *avail_shadow = self.state.next_avail;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands out again a chain a previous backend took and did not complete.
+    #[cold]
+    fn pop_resubmit(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
+        let head = self.inflight.as_mut().and_then(|i| i.resubmit.pop_front());
+        let Some(head) = head else { return Ok(None) };
+        let res = with_access!(self, r => walk_split(r, self.mem, self.cfg.size, head, self.segs));
+        match res {
+            Ok(()) => Ok(Some(Chain::new(head, 1, self.segs))),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    #[cold]
+    fn inflight_mark(&mut self, head: u16) -> Result<(), QueueError> {
+        match self.inflight.as_mut().map(|i| i.mark(head)) {
+            Some(Err(e)) => Err(self.fail(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Pops the next available chain, validated and resolved into host segments; `None` when
     /// the driver has made nothing more available. An error breaks the queue.
     #[inline(always)]
@@ -356,12 +432,20 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         if let Some(e) = self.broken.as_ref() {
             return Err(QueueError::Broken(e.clone()));
         }
+        if let Some(inf) = self.inflight.as_ref() {
+            if !inf.resubmit.is_empty() {
+                return self.pop_resubmit();
+            }
+        }
         // The common shape, on the cached path: a known-available entry whose head is one
         // direct descriptor in one region. Anything else (or any doubt) takes the general walker,
         // which starts over and does every check; nothing is changed unless this succeeds.
         if let (Kind::Split { avail_shadow, .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
             if self.state.next_avail != *avail_shadow {
                 if let Some(id) = split_fast_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
+                    if self.inflight.is_some() {
+                        self.inflight_mark(id)?;
+                    }
                     return Ok(Some(Chain::new(id, 1, self.segs)));
                 }
             }
@@ -375,9 +459,22 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             }
         };
         match res {
-            Ok(Some((id, ring_descs))) => Ok(Some(Chain::new(id, ring_descs, self.segs))),
+            Ok(Some((id, ring_descs))) => {
+                if self.inflight.is_some() {
+                    self.inflight_mark(id)?;
+                }
+                Ok(Some(Chain::new(id, ring_descs, self.segs)))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    #[cold]
+    fn inflight_link(&mut self, head: u16) -> Result<(), QueueError> {
+        match self.inflight.as_mut().map(|i| i.link(head)) {
+            Some(Err(e)) => Err(self.fail(e)),
+            _ => Ok(()),
         }
     }
 
@@ -412,6 +509,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 && d.write::<u32>(Area::Device, off + 4, len.to_le()).is_ok()
             {
                 self.log_ring(Area::Device, off, 8);
+                if self.inflight.is_some() {
+                    self.inflight_link(token.id)?;
+                }
                 self.state.next_used = self.state.next_used.wrapping_add(1);
                 self.used_added = self.used_added.wrapping_add(1);
                 return Ok(());
@@ -456,6 +556,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             }
         };
         res.map_err(|e| self.fail(e))?;
+        if self.inflight.is_some() {
+            self.inflight_link(token.id)?;
+        }
         self.used_added = self.used_added.wrapping_add(1);
         Ok(())
     }
@@ -542,6 +645,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 // (2.7.14): the used elements written above are visible first.
                 r.store_u16(Area::Device, 2, self.state.next_used.to_le(), Ordering::Release)?;
                 self.log_ring(Area::Device, 2, 2);
+                if let Some(inf) = self.inflight.as_mut() {
+                    inf.published(self.state.next_used, self.used_added)?;
+                }
                 fence(Ordering::SeqCst);
                 let (old, new) = (self.batch_used_start, self.state.next_used);
                 if self.cfg.event_idx {
@@ -720,6 +826,20 @@ fn pop_split<R: RingAccess>(
     }
     let slot = usize::from(state.next_avail & (size - 1));
     let head = u16::from_le(r.read::<u16>(Area::Driver, 4 + 2 * slot)?);
+    walk_split(r, mem, size, head, segs)?;
+    state.next_avail = state.next_avail.wrapping_add(1);
+    Ok(Some((head, 1)))
+}
+
+/// Validates the split chain that starts at descriptor `head` and resolves it into `segs`.
+#[inline(always)]
+fn walk_split<R: RingAccess>(
+    r: &R,
+    mem: &Batch<'_>,
+    size: u16,
+    head: u16,
+    segs: &mut Segments,
+) -> Result<(), QueueError> {
     if head >= size {
         return Err(QueueError::DescIndex { index: u32::from(head), size: u32::from(size) });
     }
@@ -770,8 +890,7 @@ fn pop_split<R: RingAccess>(
             return Err(QueueError::DescIndex { index: u32::from(index), size: u32::from(size) });
         }
     }
-    state.next_avail = state.next_avail.wrapping_add(1);
-    Ok(Some((head, 1)))
+    Ok(())
 }
 
 /// The descriptor at the device's next available slot, if the driver has made it available.

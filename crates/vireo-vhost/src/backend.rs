@@ -12,8 +12,9 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{BackendListener, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
+use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
-use vireo_queue::{Queue, QueueConfig, RingAddrs};
+use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
 use crate::device::Device;
 use crate::worker::Worker;
@@ -69,6 +70,8 @@ pub struct VhostUserBackend {
     region_files: Vec<File>,
     /// Workers busy-poll their rings instead of waiting for kicks.
     poll: bool,
+    /// The inflight area (SET_INFLIGHT_FD) and the queue size its regions are laid out for.
+    inflight: Option<(Arc<Mapping>, u16)>,
 }
 
 impl std::fmt::Debug for VhostUserBackend {
@@ -102,6 +105,7 @@ impl VhostUserBackend {
             rings,
             region_files: Vec::new(),
             poll,
+            inflight: None,
         }
     }
 
@@ -143,6 +147,21 @@ impl VhostUserBackend {
             VuError::InvalidParam
         })?;
         queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
+        if let Some((area, queue_size)) = &self.inflight {
+            if r.size > *queue_size {
+                return Err(invalid("ring larger than the inflight area's queue size"));
+            }
+            let len = split_region_size(*queue_size);
+            let region = usize::try_from(len * index as u64)
+                .ok()
+                .zip(usize::try_from(len).ok())
+                .and_then(|(off, len)| InflightRegion::new(area.clone(), off, len).ok())
+                .ok_or_else(|| invalid("inflight area too small for this queue"))?;
+            queue.set_inflight(region, self.acked_features).map_err(|e| {
+                tracing::warn!(queue = index, error = %e, "inflight tracking refused");
+                VuError::InvalidParam
+            })?;
+        }
         let kick = r.kick.as_ref().and_then(|k| k.try_clone().ok()).ok_or_else(|| invalid("kick fd"))?;
         let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
         let worker = Worker::start(index, queue, kick, call, self.device.clone(), self.poll)
@@ -319,7 +338,8 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -369,12 +389,35 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         Err(invalid("shared objects are not supported"))
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        if self.acked_features & VIRTIO_F_RING_PACKED != 0 {
+            return Err(invalid("inflight tracking is implemented for split rings only"));
+        }
+        if usize::from(inflight.num_queues) > self.rings.len()
+            || inflight.queue_size == 0
+            || inflight.queue_size > self.device.max_queue_size()
+        {
+            return Err(invalid("inflight area for more or larger queues than the device has"));
+        }
+        // Zeroed memory: every queue region starts "fresh" (version 0), nothing in flight.
+        let size = split_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
+        let fd = vireo_memory::memfd("vireo-inflight", size).map_err(VuError::ReqHandlerError)?;
+        tracing::info!(queues = inflight.num_queues, queue_size = inflight.queue_size, size, "inflight area created");
+        Ok((VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size), File::from(fd)))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(invalid("INFLIGHT_SHMFD is not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        let need = split_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
+        if inflight.mmap_size < need || inflight.queue_size == 0 {
+            return Err(invalid("inflight area smaller than its queues need"));
+        }
+        let map = Mapping::from_fd(file.as_fd(), inflight.mmap_offset, inflight.mmap_size).map_err(|e| {
+            tracing::warn!(error = %e, "inflight area does not map");
+            VuError::InvalidParam
+        })?;
+        tracing::info!(queues = inflight.num_queues, queue_size = inflight.queue_size, "inflight area set");
+        self.inflight = Some((Arc::new(map), inflight.queue_size));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> Result<u64> {

@@ -9,8 +9,11 @@
 //!   `GuestMemory` has quiesced every worker that could touch the retired mapping; a message that
 //!   stops or moves a ring (GET_VRING_BASE, SET_VRING_ADDR, SET_VRING_NUM) first stops that
 //!   ring's worker and joins it.
-//! * **A worker never waits on the frontend** (`worker.rs`): it only polls its kick and stop
-//!   eventfds and writes its call eventfd.
+//! * **A worker never waits on the frontend** (`worker.rs`): it only polls its kick, stop and
+//!   engine-completion fds and writes its call eventfd. A stopping worker drains its engine
+//!   (every request in flight is completed into the used ring) before it hands the queue back.
+//! * **In-flight I/O is a reader** (`device.rs`, `Engine`): an asynchronous request pins the
+//!   regions its buffers are in until it is reaped, so an invalidation's reply waits for it.
 //! * **A broken queue stops only itself**: its worker logs the error and idles until stopped.
 
 #![warn(missing_docs)]
@@ -20,4 +23,4 @@ mod device;
 mod worker;
 
 pub use backend::{serve, serve_with, ServeError, VhostUserBackend};
-pub use device::Device;
+pub use device::{Device, Engine};

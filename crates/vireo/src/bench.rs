@@ -227,6 +227,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         slots: a.iodepth,
         hugepages: a.hugepages,
         log_shmfd: a.log_all,
+        inflight: false,
     };
     let mut dev = BlkDevice::connect(&a.socket_path, &opts)?;
     if a.ring == RingKind::Packed && dev.features() & (1 << 34) == 0 {

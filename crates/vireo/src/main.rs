@@ -77,6 +77,23 @@ struct BlkArgs {
     /// latency at the price of one busy core per queue).
     #[arg(long)]
     poll: bool,
+    /// How image I/O is done: `io-uring` (one ring per queue, many requests in flight, completed
+    /// out of order) or `sync` (preadv/pwritev on the queue's thread, one at a time). Like
+    /// qemu-storage-daemon's `aio=`.
+    #[arg(long, value_enum, default_value_t = AioArg::IoUring)]
+    aio: AioArg,
+    /// Bypass the host page cache (O_DIRECT) for reads and writes, like qemu-storage-daemon's
+    /// `cache.direct=on`. Requests whose buffers are not 512-byte aligned go through the cache.
+    #[arg(long)]
+    direct: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AioArg {
+    /// io_uring.
+    IoUring,
+    /// Synchronous preadv/pwritev.
+    Sync,
 }
 
 /// Errors of `vireo blk`.
@@ -90,6 +107,8 @@ enum BlkError {
     Serve(#[from] vireo_vhost::ServeError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Device(#[from] vireo_blk::BlkError),
 }
 
 fn blk(a: BlkArgs) -> Result<(), BlkError> {
@@ -108,7 +127,12 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
                 .map_err(|source| BlkError::Image { path: path.display().to_string(), source })?;
             vireo_blk::Storage::File { file, size }
         }
-        (None, Some(size)) => vireo_blk::Storage::Null { size },
+        (None, Some(size)) => {
+            if a.direct {
+                tracing::warn!("--direct has no effect on a null device");
+            }
+            vireo_blk::Storage::Null { size }
+        }
         (None, None) => unreachable!("clap requires --image or --null"),
     };
     // A socket another backend listens on must not be stolen from it.
@@ -122,8 +146,10 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
             queue_size: a.queue_size,
             read_only: a.read_only,
             serial: a.serial,
+            aio: if a.aio == AioArg::Sync { vireo_blk::Aio::Sync } else { vireo_blk::Aio::IoUring },
+            direct: a.direct,
         },
-    );
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;

@@ -1,0 +1,283 @@
+//! The io_uring engine: one ring per queue. Reads and writes are submitted as `readv`/`writev`
+//! on the guest's buffers, flushes as `fsync(DATASYNC)`; completions arrive out of order and are
+//! reaped by the queue's worker, which then writes the status byte and adds the used element.
+//!
+//! A request in flight holds an [`IoPin`] on every guest region its buffers touch, so the kernel
+//! never reads or writes a mapping the frontend has taken back: an invalidation waits for the
+//! reap. Everything else (GET_ID, DISCARD, WRITE_ZEROES, refused requests) runs synchronously.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use vireo_memory::{Batch, GuestPhysAddr, IoPin};
+use vireo_queue::{Chain, UsedToken};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{data_iovecs, req, Inner, Storage, SECTOR, S_IOERR, S_OK};
+
+/// O_DIRECT wants buffers, lengths and offsets aligned to the logical block size; 512 is what
+/// every device Linux supports accepts at least.
+const DIRECT_ALIGN: usize = 512;
+
+#[derive(Debug)]
+struct Request {
+    token: UsedToken,
+    /// Bytes the kernel must transfer for success (0 for a flush).
+    expected: usize,
+    /// A read: the data lands in the writable part.
+    read: bool,
+    status_gpa: GuestPhysAddr,
+    writable_len: u32,
+    /// The writable segments, for the dirty log.
+    writable: Vec<(GuestPhysAddr, u32)>,
+    /// The kernel reads this array at submission; it lives until the reap to be safe.
+    iov: Vec<libc::iovec>,
+    _pins: Vec<IoPin>,
+}
+
+// SAFETY: the iovecs point into guest memory that the pins keep mapped; they are only handed to
+// the kernel, never dereferenced by Rust, so moving the request between threads is sound.
+unsafe impl Send for Request {}
+
+/// A queue's io_uring.
+pub(crate) struct UringEngine {
+    ring: IoUring,
+    event: EventFd,
+    dev: Arc<Inner>,
+    queue: usize,
+    slab: Vec<Option<Request>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    unsubmitted: usize,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl UringEngine {
+    pub(crate) fn new(dev: Arc<Inner>, queue: usize) -> std::io::Result<Self> {
+        let entries = u32::from(dev.cfg.queue_size.max(1)).next_power_of_two();
+        let ring = IoUring::new(entries)?;
+        let event = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            event,
+            dev,
+            queue,
+            slab: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            unsubmitted: 0,
+            cqes: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) -> std::io::Result<()> {
+        loop {
+            // SAFETY: the entry's buffers (the iovec array in the slab and the guest memory it
+            // names, pinned) stay valid until its completion is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            // The submission queue is full: hand it to the kernel and try again.
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+    }
+
+    /// Plans an asynchronous read, write or flush; `None` sends the chain to the synchronous
+    /// path (other request types, refusals, out-of-range or malformed requests).
+    fn plan(&self, chain: &Chain<'_>) -> Option<(u32, u64)> {
+        let Storage::File { .. } = &self.dev.storage else { return None };
+        if chain.writable_len() == 0 {
+            return None;
+        }
+        let mut hdr = [0u8; 16];
+        if chain.read_at(0, &mut hdr) != 16 {
+            return None;
+        }
+        let kind = u32::from_le_bytes(hdr[..4].try_into().ok()?);
+        let sector = u64::from_le_bytes(hdr[8..].try_into().ok()?);
+        let len = match kind {
+            req::IN => chain.writable_len().checked_sub(1)?,
+            req::OUT if !self.dev.cfg.read_only => chain.readable_len().checked_sub(16)?,
+            req::FLUSH => return Some((kind, 0)),
+            _ => return None,
+        };
+        let off = sector.checked_mul(SECTOR)?;
+        if len == 0 || off.checked_add(u64::from(len))? > self.dev.size() {
+            return None;
+        }
+        Some((kind, off))
+    }
+
+    fn finish(&mut self, slot: usize, res: i32, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) {
+        let Some(r) = self.slab.get_mut(slot).and_then(Option::take) else {
+            tracing::error!(queue = self.queue, slot, "io_uring completion for no request");
+            return;
+        };
+        self.free.push(slot);
+        self.in_flight -= 1;
+        let ok = usize::try_from(res).is_ok_and(|n| n == r.expected);
+        if !ok {
+            tracing::warn!(queue = self.queue, res, expected = r.expected, "I/O failed");
+        }
+        let status = if ok { S_OK } else { S_IOERR };
+        if let Err(e) = mem.write(r.status_gpa, &[status]) {
+            tracing::warn!(queue = self.queue, error = %e, "status byte not writable");
+        }
+        // The used length, as the synchronous path counts it.
+        let written =
+            if ok && r.read { u32::try_from(r.expected).unwrap_or(u32::MAX).saturating_add(1) } else { r.writable_len };
+        if mem.logging() {
+            let mut left = written;
+            for &(gpa, len) in &r.writable {
+                let n = len.min(left);
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = mem.log_write(gpa, u64::from(n)) {
+                    tracing::warn!(queue = self.queue, error = %e, "write not logged");
+                }
+                left -= n;
+            }
+        }
+        out.push((r.token, written));
+        // Dropping `r` releases its pins: an invalidation waiting for them may now go on.
+    }
+}
+
+fn aligned(iov: &[libc::iovec], off: u64) -> bool {
+    off % DIRECT_ALIGN as u64 == 0
+        && iov.iter().all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
+}
+
+impl vireo_vhost::Engine for UringEngine {
+    fn start(&mut self, chain: &Chain<'_>, mem: &Batch<'_>, token: UsedToken) -> Option<u32> {
+        let Some((kind, off)) = self.plan(chain) else { return Some(self.dev.handle_sync(chain)) };
+        let mut pins = Vec::with_capacity(chain.segments());
+        let mut writable = Vec::new();
+        let mut status_gpa = None;
+        for i in 0..chain.segments() {
+            let (gpa, w, s) = chain.segment(i)?;
+            match mem.io_pin(gpa) {
+                Ok(p) => pins.push(p),
+                // Cannot pin (should not happen: the segment was translated in this batch):
+                // do it now, synchronously, under the batch's own pin.
+                Err(_) => return Some(self.dev.handle_sync(chain)),
+            }
+            if w {
+                let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+                writable.push((gpa, len));
+                status_gpa = gpa.raw().checked_add(u64::from(len) - 1).map(GuestPhysAddr::new);
+            }
+        }
+        let status_gpa = status_gpa?;
+        let read = kind == req::IN;
+        let mut iov = Vec::with_capacity(chain.segments());
+        if kind != req::FLUSH {
+            data_iovecs(chain, !read, &mut iov);
+        }
+        let expected = iov.iter().map(|v| v.iov_len).sum();
+        let file = match &self.dev.storage {
+            Storage::File { file, .. } => file,
+            Storage::Null { .. } => return Some(self.dev.handle_sync(chain)),
+        };
+        let fd = match &self.dev.direct {
+            Some(d) if kind != req::FLUSH && aligned(&iov, off) => d.as_raw_fd(),
+            _ => file.as_raw_fd(),
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slab.push(None);
+            self.slab.len() - 1
+        });
+        let iov_len = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+        let request = Request {
+            token,
+            expected,
+            read,
+            status_gpa,
+            writable_len: chain.writable_len(),
+            writable,
+            iov,
+            _pins: pins,
+        };
+        let iov_ptr = request.iov.as_ptr();
+        self.slab[slot] = Some(request);
+        let entry = match kind {
+            req::IN => opcode::Readv::new(types::Fd(fd), iov_ptr, iov_len).offset(off).build(),
+            req::OUT => opcode::Writev::new(types::Fd(fd), iov_ptr, iov_len).offset(off).build(),
+            _ => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
+        }
+        .user_data(slot as u64);
+        self.in_flight += 1;
+        if let Err(e) = self.push(entry) {
+            tracing::error!(queue = self.queue, error = %e, "io_uring submission failed; request done synchronously");
+            self.slab[slot] = None;
+            self.free.push(slot);
+            self.in_flight -= 1;
+            return Some(self.dev.handle_sync(chain));
+        }
+        None
+    }
+
+    fn submit(&mut self) -> std::io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.ring.submit()?;
+            self.unsubmitted = 0;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &cqes {
+            self.finish(usize::try_from(ud).unwrap_or(usize::MAX), res, mem, out);
+        }
+        self.cqes = cqes;
+    }
+
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd lives as long as `self`, which the borrow is tied to.
+        unsafe { BorrowedFd::borrow_raw(self.event.as_raw_fd()) }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn wait(&mut self) -> std::io::Result<()> {
+        self.ring.submit_and_wait(1)?;
+        self.unsubmitted = 0;
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        while self.in_flight > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.unsubmitted = 0;
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for ud in done {
+                if let Some(slot) = usize::try_from(ud).ok().filter(|&s| s < self.slab.len()) {
+                    if self.slab[slot].take().is_some() {
+                        self.free.push(slot);
+                        self.in_flight -= 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory for requests in flight: wait for them
+        // before their pins (and the ring) go.
+        vireo_vhost::Engine::discard(self);
+    }
+}
