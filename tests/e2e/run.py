@@ -222,64 +222,85 @@ io C 128 || exit 1
 
 
 def test_migration():
-    """Live migration to a second QEMU with its own vireo blk on the same image. QEMU's first
-    pass over guest RAM is throttled and the guest keeps dirtying memory so that migration cannot
-    converge; once the first pass has sent every page, the guest reads the disk into its page
-    cache (the device writes those pages) and writes to the disk; after the switch-over the
-    destination compares every cached read with the device (O_DIRECT) and checks every write.
+    """Live migration to a second QEMU with its own vireo blk on the same image, proving that
+    device writes into guest memory are in the dirty log.
 
-    Known limit, stated plainly: this test still passed with the source's dirty logging forced
-    off (tried with and without init_on_alloc=0, and with a dirtier that frees pages and one that
-    does not), so it does not yet prove that device writes are logged; something resends those
-    pages anyway and is not understood yet. The dirty
-    log itself is proven by vireo-memory's loom models and property tests, and `vireo bench
-    --log-all` counts the pages the backend logs."""
+    The guest fills 200 MiB of memory and QEMU's first pass sends it; then the guest frees it
+    (init_on_free=0: the pages keep their content and no CPU writes them) and reads 128 MiB of
+    random disk data into the block device's page cache in one `dd`, so that the page cache
+    pages are mostly those freed pages, written by the device alone. Meanwhile migration is held
+    back (a 1 ms downtime limit against a guest process that keeps rewriting 4 MiB). After the
+    switch-over the destination compares its page cache with the disk (O_DIRECT): a device
+    write missing from the log leaves the destination with the old page. With the source's
+    logging forced off, 127 of the 128 MiB arrive stale and the test fails.
+
+    The guest holds /dev/vda open from before the reads to the check: the last close of a block
+    device drops its page cache (kill_bdev), which is why earlier versions of this test, reading
+    with one `dd` and checking with another, passed without the log. The guest also writes to
+    the disk during migration; those writes are checked too."""
     script = "#!/bin/sh\n" + GUEST_IO + r'''
 io A 0 || exit 1
-# Keep dirtying memory faster than the throttled migration sends it, so that it cannot finish
-# before the reads below are done. The file is rewritten in place (notrunc): its pages are never
-# freed, so the pages the reads get from the allocator are ones no CPU wrote since QEMU sent them.
-dd if=/dev/zero of=/tmp/dirty bs=1M count=16 status=none
+echo "GUEST: $(dmesg | grep -o 'mem auto-init.*')"
+dd if=/dev/zero of=/tmp/hold bs=1M count=200 status=none
 sync; echo 3 > /proc/sys/vm/drop_caches
-( while [ ! -f /tmp/stop ]; do dd if=/dev/urandom of=/tmp/dirty bs=1M count=16 conv=notrunc status=none; done ) &
+# Keeps migration from converging: rewrites one 4 MiB buffer (allocated once, never freed while
+# it runs) with random bytes, so that every pass has megabytes to resend.
+dd if=/dev/urandom of=/dev/null bs=4M count=100000000 2>/dev/null & D=$!
+# The last close of a block device drops its page cache (kill_bdev): hold it open throughout.
+exec 3</dev/vda
 echo "GUEST: READY-FOR-MIGRATION"
 read go
+rm /tmp/hold
+dd if=/dev/vda of=/dev/null bs=1M count=128 skip=64 status=none || exit 1
 i=0
-while [ $i -lt 40 ]; do
-  dd if=/dev/vda of=/dev/null bs=256k count=3 skip=$((i * 3)) status=none || exit 1
+while [ $i -lt 20 ]; do
   dd if=/dev/urandom of=/tmp/w bs=64k count=1 status=none
   dd if=/tmp/w of=/dev/vda bs=64k seek=$((1024 + i)) oflag=direct status=none || exit 1
   sha256sum /tmp/w | cut -d' ' -f1 > /tmp/w$i.sha
   i=$((i+1))
 done
-touch /tmp/stop; wait
-rm -f /tmp/dirty
+kill $D
 echo "GUEST: READS-DONE"
 read check
-bad=0; i=0
-while [ $i -lt 40 ]; do
-  C=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) status=none | sha256sum | cut -d' ' -f1)
-  D=$(dd if=/dev/vda bs=256k count=3 skip=$((i * 3)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
-  [ "$C" = "$D" ] || { echo "GUEST: page cache of read $i arrived stale"; bad=1; }
+bad=0
+C=$(dd if=/dev/vda bs=1M count=128 skip=64 status=none | sha256sum | cut -d' ' -f1)
+D=$(dd if=/dev/vda bs=1M count=128 skip=64 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+if [ "$C" != "$D" ]; then
+  n=0; k=0
+  while [ $k -lt 128 ]; do
+    a=$(dd if=/dev/vda bs=1M count=1 skip=$((64 + k)) status=none | sha256sum)
+    b=$(dd if=/dev/vda bs=1M count=1 skip=$((64 + k)) iflag=direct status=none | sha256sum)
+    [ "$a" = "$b" ] || n=$((n+1)); k=$((k+1))
+  done
+  echo "GUEST: page cache of the reads arrived stale ($n of 128 MiB)"; bad=1
+fi
+i=0
+while [ $i -lt 20 ]; do
   W=$(dd if=/dev/vda bs=64k count=1 skip=$((1024 + i)) iflag=direct status=none | sha256sum | cut -d' ' -f1)
   [ "$W" = "$(cat /tmp/w$i.sha)" ] || { echo "GUEST: write $i lost"; bad=1; }
   i=$((i+1))
 done
-echo "GUEST: 40 cached reads and 40 writes checked after migration"
+echo "GUEST: 128 MiB of cached reads and 20 writes checked after migration"
 [ $bad = 0 ]
 '''
-    # init_on_alloc=0: Debian's kernel zeroes every page it allocates by default; without that
-    # CPU write only the device writes the page cache pages.
-    src = Run("mig-src", script, cmdline="init_on_alloc=0")
+    cmdline = "init_on_alloc=0 init_on_free=0"
+    # Random data on the disk where the guest reads, so that a stale page cannot look right.
+    image = tempfile.mkdtemp(prefix="vireo-e2e-mig-image.")
+    image_path = os.path.join(image, "disk.img")
+    with open(image_path, "wb") as f:
+        f.truncate(256 << 20)
+        f.seek(64 << 20)
+        f.write(os.urandom(128 << 20))
+    src = Run("mig-src", script, image=image_path, cmdline=cmdline)
     dst = None
     try:
         mig = os.path.join(src.dir, "mig.sock")
-        dst = Run("mig-dst", script, image=src.image, qemu_args=["-incoming", f"unix:{mig}"], cmdline="init_on_alloc=0")
+        dst = Run("mig-dst", script, image=src.image, qemu_args=["-incoming", f"unix:{mig}"], cmdline=cmdline)
         if not src.wait_line("READY-FOR-MIGRATION"):
             return False, "guest never got ready"
         qs = Qmp(src.qmp_sock)
         Qmp(dst.qmp_sock)  # the destination is listening once its QMP answers
-        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20, "downtime-limit": 1})
         qs.cmd("migrate", uri=f"unix:{mig}")
         t = time.monotonic()
         # Wait for the end of the first pass over RAM (its second dirty-bitmap sync).
@@ -291,8 +312,12 @@ echo "GUEST: 40 cached reads and 40 writes checked after migration"
         first_pass = time.monotonic() - t
         src.send("go")
         if not src.wait_line("READS-DONE", timeout=120):
-            return False, "the guest's reads did not finish on the source"
-        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+            return False, ("the guest's reads did not finish on the source: " + " | ".join(src.lines[-3:])
+                           + " | vireo: " + " | ".join(src.log().splitlines()[-5:]))
+        early = qs.cmd("query-migrate").get("status")
+        if early != "active":
+            return False, f"migration {early} before the guest's reads were done (test inconclusive)"
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30, "downtime-limit": 300})
         status = ""
         while time.monotonic() - t < 240:
             info = qs.cmd("query-migrate")
@@ -322,6 +347,7 @@ echo "GUEST: 40 cached reads and 40 writes checked after migration"
         if dst is not None:
             dst.close()
         src.close()
+        shutil.rmtree(image, ignore_errors=True)
 
 
 TESTS = {"read_only": test_read_only, "hotplug": test_hotplug, "migration": test_migration}
