@@ -76,15 +76,8 @@ class Run:
         with open(self.initrd, "wb") as f:
             f.write(open(os.path.join(CACHE, "initrd.img"), "rb").read() + cpio)
         self.vireo_log = open(os.path.join(self.dir, "vireo.log"), "w")
-        env = dict(os.environ, VIREO_RETIRE="protnone", RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        self.vireo = subprocess.Popen([VIREO, "blk", "--socket-path", self.sock, "--image", self.image,
-                                       "--num-queues", "2", *vireo_args],
-                                      stdout=self.vireo_log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if self.vireo.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vireo blk did not start: {self.log()}")
-            time.sleep(0.05)
+        self.vireo_args = vireo_args
+        self.start_vireo()
         self.lines = []
         self.t0 = time.monotonic()
         self.qemu = subprocess.Popen(
@@ -92,13 +85,31 @@ class Run:
              "-object", f"memory-backend-memfd,id=mem0,size={mem.split(',')[0]},share=on", "-numa", "node,memdev=mem0",
              "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
              "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
-             "-chardev", f"socket,id=vu0,path={self.sock}", "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2",
+             "-chardev", f"socket,id=vu0,path={self.sock},reconnect-ms=200",
+             "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2",
              *qemu_args,
              "-kernel", os.path.join(CACHE, "vmlinux"), "-initrd", self.initrd,
              "-append", f"console=ttyS0 panic=-1 quiet {cmdline}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+
+    def start_vireo(self):
+        env = dict(os.environ, VIREO_RETIRE="protnone", RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        self.vireo = subprocess.Popen([VIREO, "blk", "--socket-path", self.sock, "--image", self.image,
+                                       "--num-queues", "2", *self.vireo_args],
+                                      stdout=self.vireo_log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if self.vireo.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vireo blk did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def kill_vireo(self):
+        """SIGKILL: no clean-up at all, the socket file stays behind."""
+        self.vireo.kill()
+        self.vireo.wait()
+        os.unlink(self.sock)
 
     def _read(self):
         for raw in self.qemu.stdout:
@@ -350,7 +361,68 @@ echo "GUEST: 128 MiB of cached reads and 20 writes checked after migration"
         shutil.rmtree(image, ignore_errors=True)
 
 
-TESTS = {"read_only": test_read_only, "hotplug": test_hotplug, "migration": test_migration}
+def test_reconnect():
+    """`vireo blk` killed with SIGKILL up to five times while the guest writes (four writers, O_DIRECT)
+    and started again on the same socket; QEMU reconnects (reconnect-ms) and hands the new
+    process the inflight area, which resubmits what the dead one had taken. Every write
+    completes, reads back right in the guest, and is on the host's image."""
+    script = "#!/bin/sh\n" + r'''
+writer() { # writer number: 40 writes of 128 KiB at its own offsets, each checksum recorded
+  dd if=/dev/urandom of=/tmp/r$1 bs=1M count=5 status=none
+  i=0
+  while [ $i -lt 40 ]; do
+    dd if=/tmp/r$1 of=/tmp/w$1 bs=128k count=1 skip=$i status=none
+    dd if=/tmp/w$1 of=/dev/vda bs=128k seek=$(($1 * 64 + i)) oflag=direct status=none || { echo "GUEST: writer $1 write $i failed"; exit 1; }
+    echo "$(($1 * 64 + i)) $(sha256sum /tmp/w$1 | cut -d' ' -f1)" >> /tmp/sums$1
+    i=$((i+1))
+  done
+}
+echo "GUEST: WRITING"
+for n in 0 1 2 3; do writer $n & done
+fail=0; for n in 0 1 2 3; do wait %$((n+1)) || fail=1; done
+[ $fail = 0 ] || exit 1
+cat /tmp/sums0 /tmp/sums1 /tmp/sums2 /tmp/sums3 > /tmp/sums
+bad=0
+while read blk sum; do
+  r=$(dd if=/dev/vda bs=128k count=1 skip=$blk iflag=direct status=none | sha256sum | cut -d' ' -f1)
+  [ "$r" = "$sum" ] || { echo "GUEST: block $blk reads back wrong"; bad=1; }
+  echo "GUEST: SUM $blk $sum"
+done < /tmp/sums
+echo "GUEST: $(wc -l < /tmp/sums) writes checked"
+[ $bad = 0 ]
+'''
+    r = Run("reconnect", script)
+    try:
+        if not r.wait_line("WRITING"):
+            return False, "guest never started writing"
+        kills = 0
+        for delay in (0.3, 0.5, 0.5, 0.5, 0.5):
+            time.sleep(delay)
+            if any("GUEST-RESULT" in l for l in r.lines):
+                break
+            r.kill_vireo()
+            kills += 1
+            time.sleep(0.3)
+            r.start_vireo()
+        ok = r.finish()
+        sums = [l.split("SUM ")[1].split() for l in r.lines if "GUEST: SUM " in l]
+        import hashlib
+        with open(r.image, "rb") as f:
+            host_ok = 0
+            for blk, digest in sums:
+                f.seek(int(blk) * (128 << 10))
+                host_ok += hashlib.sha256(f.read(128 << 10)).hexdigest() == digest
+        log = r.log()
+        resubmitted = sum(int(l.split("resubmit=")[1].split()[0]) for l in log.splitlines() if "resubmit=" in l)
+        good = ok and kills >= 1 and len(sums) == 160 and host_ok == 160
+        return good, (f"guest {'PASS' if ok else 'FAIL'}, {kills} SIGKILLs, {len(sums)} writes checked in the "
+                      f"guest, {host_ok} on the host, {resubmitted} requests resubmitted from the inflight area")
+    finally:
+        r.close()
+
+
+TESTS = {"read_only": test_read_only, "hotplug": test_hotplug, "migration": test_migration,
+         "reconnect": test_reconnect}
 
 
 def main():
