@@ -281,9 +281,14 @@ impl std::fmt::Debug for BlkDevice {
 impl BlkDevice {
     /// Connects to the backend at `socket`, negotiates, maps guest RAM and starts the queues.
     pub fn connect(socket: &Path, opts: &BlkOptions) -> Result<Self, BlkError> {
+        Self::with_stream(std::os::unix::net::UnixStream::connect(socket)?, opts)
+    }
+
+    /// As [`BlkDevice::connect`], over a connected socket (a backend in client mode connected to
+    /// a socket this program listens on).
+    pub fn with_stream(sock: std::os::unix::net::UnixStream, opts: &BlkOptions) -> Result<Self, BlkError> {
         // Our own socket, so that every reply has a deadline: a backend that never answers
         // fails the call instead of hanging the driver.
-        let sock = std::os::unix::net::UnixStream::connect(socket)?;
         let watchdog = Watchdog::new(sock.try_clone()?);
         let mut fe = Frontend::from_stream(sock, u64::from(opts.num_queues.max(1)));
         let offered = watchdog.guard("GET_FEATURES", || fe.get_features())?;

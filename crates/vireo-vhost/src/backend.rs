@@ -10,14 +10,16 @@ use vhost::vhost_user::message::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{BackendListener, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{
+    BackendListener, BackendReqHandler, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandlerMut,
+};
 use vhost::VhostUserMemoryRegionBase;
 use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
 use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
 use crate::device::Device;
-use crate::worker::Worker;
+use crate::worker::{QueueStart, WorkerPool};
 
 type Result<T> = std::result::Result<T, VuError>;
 
@@ -53,7 +55,10 @@ struct Ring {
     kick: Option<File>,
     call: Option<File>,
     enabled: bool,
-    worker: Option<Worker>,
+    /// The frontend asked for no kick fd (the backend polls the ring).
+    kick_polled: bool,
+    /// The queue is with a worker thread.
+    running: bool,
     /// The stopped queue, kept so that GET_VRING_BASE can report its position.
     stopped: Option<Queue>,
 }
@@ -70,6 +75,7 @@ pub struct VhostUserBackend {
     region_files: Vec<File>,
     /// Workers busy-poll their rings instead of waiting for kicks.
     poll: bool,
+    workers: WorkerPool,
     /// The inflight area (SET_INFLIGHT_FD) and the queue size its regions are laid out for.
     inflight: Option<(Arc<Mapping>, u16)>,
 }
@@ -87,7 +93,15 @@ fn invalid(what: &'static str) -> VuError {
 
 impl VhostUserBackend {
     /// Backend state for a new connection to `device`; with `poll`, queue workers busy-poll.
+    /// One worker thread per queue.
     pub fn new(device: Arc<dyn Device>, poll: bool) -> Self {
+        let threads = device.num_queues();
+        Self::with_threads(device, poll, threads)
+    }
+
+    /// As [`VhostUserBackend::new`], with at most `threads` worker threads (queue `i` is served
+    /// by thread `i % threads`).
+    pub fn with_threads(device: Arc<dyn Device>, poll: bool, threads: usize) -> Self {
         let features = device.features()
             | VIRTIO_F_VERSION_1
             | VIRTIO_F_RING_PACKED
@@ -105,6 +119,7 @@ impl VhostUserBackend {
             rings,
             region_files: Vec::new(),
             poll,
+            workers: WorkerPool::new(threads),
             inflight: None,
         }
     }
@@ -114,8 +129,8 @@ impl VhostUserBackend {
     }
 
     fn stop(&mut self, index: usize) {
-        if let Some(w) = self.rings[index].worker.take() {
-            self.rings[index].stopped = w.stop();
+        if std::mem::take(&mut self.rings[index].running) {
+            self.rings[index].stopped = self.workers.stop(index);
         }
     }
 
@@ -124,7 +139,8 @@ impl VhostUserBackend {
     fn maybe_start(&mut self, index: usize) -> Result<()> {
         let protocol = self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         let r = &self.rings[index];
-        if r.worker.is_some() || r.size == 0 || r.addrs.is_none() || r.kick.is_none() || (protocol && !r.enabled) {
+        let has_kick = r.kick.is_some() || r.kick_polled;
+        if r.running || r.size == 0 || r.addrs.is_none() || !has_kick || (protocol && !r.enabled) {
             return Ok(());
         }
         let Some((desc, used, avail)) = r.addrs else { return Ok(()) };
@@ -162,11 +178,14 @@ impl VhostUserBackend {
                 VuError::InvalidParam
             })?;
         }
-        let kick = r.kick.as_ref().and_then(|k| k.try_clone().ok()).ok_or_else(|| invalid("kick fd"))?;
+        let kick = match &r.kick {
+            Some(k) => Some(k.try_clone().map_err(VuError::ReqHandlerError)?),
+            None => None,
+        };
         let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
-        let worker = Worker::start(index, queue, kick, call, self.device.clone(), self.poll)
-            .map_err(VuError::ReqHandlerError)?;
-        self.rings[index].worker = Some(worker);
+        let start = QueueStart { index, queue, kick, call, device: self.device.clone(), poll: self.poll };
+        self.workers.start(start).map_err(VuError::ReqHandlerError)?;
+        self.rings[index].running = true;
         self.rings[index].stopped = None;
         tracing::debug!(queue = index, "queue started");
         Ok(())
@@ -270,7 +289,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         available: u64,
         log: u64,
     ) -> Result<()> {
-        let running = self.ring(index)?.worker.is_some();
+        let running = self.ring(index)?.running;
         self.stop(index as usize);
         let r = self.ring(index)?;
         r.addrs = Some((descriptor, used, available));
@@ -308,14 +327,23 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        let Some(fd) = fd else { return Err(invalid("polling mode (no kick fd) is not supported")) };
+        self.ring(u32::from(index))?;
+        let running = self.rings[usize::from(index)].running;
         self.stop(usize::from(index));
-        self.ring(u32::from(index))?.kick = Some(fd);
+        let r = &mut self.rings[usize::from(index)];
+        if running {
+            if let Some(q) = r.stopped.take() {
+                r.base = q.vring_base();
+            }
+        }
+        // No fd (VHOST_USER_VRING_NOFD_MASK): the frontend will not kick; the backend polls.
+        r.kick_polled = fd.is_none();
+        r.kick = fd;
         self.maybe_start(usize::from(index))
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        let running = self.ring(u32::from(index))?.worker.is_some();
+        let running = self.ring(u32::from(index))?.running;
         self.stop(usize::from(index));
         let r = self.ring(u32::from(index))?;
         r.call = fd;
@@ -485,6 +513,18 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     }
 }
 
+/// How [`serve_opts`] serves a device.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Busy-poll every started queue instead of waiting for kicks.
+    pub poll: bool,
+    /// Worker threads per connection (queue `i` on thread `i % threads`); `None`: one per queue.
+    pub threads: Option<usize>,
+    /// Connect to the frontend's socket instead of listening (QEMU's `server=on` chardev), and
+    /// connect again, with backoff, whenever the connection ends.
+    pub client: bool,
+}
+
 /// Serves `device` on the Unix socket at `path`, one frontend at a time, until `stop` says so
 /// (checked between connections and while waiting). Removes the socket at the end.
 pub fn serve(
@@ -492,7 +532,7 @@ pub fn serve(
     device: Arc<dyn Device>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::result::Result<(), ServeError> {
-    serve_with(path, device, stop, false)
+    serve_opts(path, device, stop, &ServeOptions::default())
 }
 
 /// As [`serve`]; with `poll`, every started queue gets a busy-polling worker.
@@ -502,30 +542,89 @@ pub fn serve_with(
     stop: &std::sync::atomic::AtomicBool,
     poll: bool,
 ) -> std::result::Result<(), ServeError> {
+    serve_opts(path, device, stop, &ServeOptions { poll, ..ServeOptions::default() })
+}
+
+/// Waits up to 200 ms for `fd` to become readable (or hung up); says whether it did.
+fn wait_readable(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: the caller keeps `fd` open for the duration of this call; it is only polled.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+/// Serves one connection until the frontend goes away or `stop` is set; then stops every
+/// queue and releases the connection's memory.
+fn serve_connection(
+    mut handler: BackendReqHandler<Mutex<VhostUserBackend>>,
+    backend: &Mutex<VhostUserBackend>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tracing::info!("frontend connected");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&handler);
+    while !stop.load(Relaxed) {
+        // Look at `stop` at least every 200 ms, also while a frontend is connected.
+        if !wait_readable(fd) {
+            continue;
+        }
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected | VuError::PartialMessage) => {
+                tracing::info!("frontend disconnected");
+                break;
+            }
+            Err(e) => {
+                // A bad message is answered (or not) by the handler; the connection goes on
+                // unless the socket itself failed.
+                tracing::warn!(error = %e, "request failed");
+                if matches!(e, VuError::SocketBroken(_) | VuError::SocketError(_)) {
+                    break;
+                }
+            }
+        }
+    }
+    backend.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+}
+
+fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> Arc<Mutex<VhostUserBackend>> {
+    let threads = opts.threads.unwrap_or_else(|| device.num_queues());
+    Arc::new(Mutex::new(VhostUserBackend::with_threads(device.clone(), opts.poll, threads)))
+}
+
+/// Serves `device` at `path` as `opts` says: listening (the default), or connecting to the
+/// frontend (`client`), until `stop` is set.
+pub fn serve_opts(
+    path: &Path,
+    device: Arc<dyn Device>,
+    stop: &std::sync::atomic::AtomicBool,
+    opts: &ServeOptions,
+) -> std::result::Result<(), ServeError> {
+    if opts.client {
+        serve_client(path, &device, stop, opts);
+        return Ok(());
+    }
     use std::sync::atomic::Ordering::Relaxed;
     let mut listener =
         Listener::new(path, true).map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
     tracing::info!(socket = %path.display(), "listening");
     let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     while !stop.load(Relaxed) {
-        let backend = Arc::new(Mutex::new(VhostUserBackend::new(device.clone(), poll)));
+        let backend = new_backend(&device, opts);
         let mut bl = BackendListener::new(&mut listener, backend.clone())
             .map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
         let _ = bl.set_nonblocking(true);
-        let mut handler = loop {
+        let handler = loop {
             if stop.load(Relaxed) {
                 let _ = std::fs::remove_file(path);
                 return Ok(());
             }
             match bl.accept() {
                 Ok(Some(h)) => break h,
+                // Wake for a connection at once, and at least every 200 ms to look at `stop`.
                 Ok(None) => {
-                    // SAFETY: the listener outlives this loop; the fd is only polled.
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listen_fd) };
-                    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
-                    // Wake for a connection at once, and at least every 200 ms to look at `stop`.
-                    let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
-                    let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                    wait_readable(listen_fd);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -533,26 +632,38 @@ pub fn serve_with(
                 }
             }
         };
-        tracing::info!("frontend connected");
-        loop {
-            match handler.handle_request() {
-                Ok(()) => {}
-                Err(VuError::Disconnected | VuError::PartialMessage) => {
-                    tracing::info!("frontend disconnected");
-                    break;
-                }
-                Err(e) => {
-                    // A bad message is answered (or not) by the handler; the connection goes on
-                    // unless the socket itself failed.
-                    tracing::warn!(error = %e, "request failed");
-                    if matches!(e, VuError::SocketBroken(_) | VuError::SocketError(_)) {
-                        break;
-                    }
-                }
-            }
-        }
-        backend.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+        serve_connection(handler, &backend, stop);
     }
     let _ = std::fs::remove_file(path);
     Ok(())
+}
+
+/// Client mode: connect to the frontend's socket; when the connection ends (or cannot be made),
+/// try again after a delay that doubles from 50 ms up to 2 s, until `stop`.
+fn serve_client(path: &Path, device: &Arc<dyn Device>, stop: &std::sync::atomic::AtomicBool, opts: &ServeOptions) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut delay = std::time::Duration::from_millis(50);
+    let mut announced = false;
+    while !stop.load(Relaxed) {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(sock) => {
+                delay = std::time::Duration::from_millis(50);
+                announced = false;
+                let backend = new_backend(device, opts);
+                let handler = BackendReqHandler::from_stream(sock, backend.clone());
+                serve_connection(handler, &backend, stop);
+            }
+            Err(e) => {
+                if !announced {
+                    tracing::info!(socket = %path.display(), error = %e, "waiting for the frontend's socket");
+                    announced = true;
+                }
+                let until = std::time::Instant::now() + delay;
+                while std::time::Instant::now() < until && !stop.load(Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
 }

@@ -22,5 +22,5 @@ mod backend;
 mod device;
 mod worker;
 
-pub use backend::{serve, serve_with, ServeError, VhostUserBackend};
+pub use backend::{serve, serve_opts, serve_with, ServeError, ServeOptions, VhostUserBackend};
 pub use device::{Device, Engine};

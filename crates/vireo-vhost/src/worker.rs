@@ -1,11 +1,18 @@
-//! A queue's worker thread: wait for a kick (or a completion of its engine), process the queue
-//! in batches, signal the call eventfd, until told to stop. The thread owns the `Queue` and hands
-//! it back when it ends, so that GET_VRING_BASE can read its position.
+//! Worker threads. A connection has a pool of them (`--threads`, one per queue by default); each
+//! serves a set of queues from one poll loop over their kick eventfds and their engines'
+//! completion fds, processes the rings in batches, and signals the call eventfds. A queue
+//! without a kick fd (the frontend's "no fd" case) or in `--poll` mode is busy-polled instead.
+//!
+//! A thread owns the `Queue`s it serves. Starting a queue hands it over through the thread's
+//! command channel; stopping one asks for it back, and the thread first completes every request
+//! of it in flight, so that GET_VRING_BASE reads a position with nothing outstanding. Nothing
+//! here waits on the frontend, and the control thread waits only for a reply the worker gives
+//! without needing anything the control thread holds.
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -14,77 +21,150 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, Engine};
 
-/// A running queue.
-pub(crate) struct Worker {
-    stop: EventFd,
-    stopping: Arc<AtomicBool>,
-    thread: JoinHandle<Queue>,
+/// What the control side hands a worker thread to start a queue.
+pub(crate) struct QueueStart {
+    pub index: usize,
+    pub queue: Queue,
+    /// `None`: the frontend gave no kick fd; the ring is busy-polled.
+    pub kick: Option<File>,
+    pub call: Option<File>,
+    pub device: Arc<dyn Device>,
+    /// Busy-poll this ring instead of waiting for kicks.
+    pub poll: bool,
 }
 
-impl Worker {
-    /// Starts a worker; with `poll` it busy-polls the ring (no kicks, one core per queue).
-    pub fn start(
-        index: usize,
-        queue: Queue,
-        kick: File,
-        call: Option<File>,
-        device: Arc<dyn Device>,
-        poll: bool,
-    ) -> std::io::Result<Self> {
-        let stop = EventFd::new(0)?;
-        let stop2 = stop.try_clone()?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stopping2 = stopping.clone();
-        let engine = device.engine(index)?;
-        let thread = std::thread::Builder::new().name(format!("vireo-queue-{index}")).spawn(move || {
-            let mut w = Work { index, device, engine, call, done: Vec::new() };
-            let mut queue = queue;
-            if poll {
-                w.run_polling(&mut queue, &stopping2);
-            } else {
-                w.run(&mut queue, &kick, &stop2);
+enum Command {
+    Start(Box<QueueStart>),
+    /// Stop queue `index`, complete its requests in flight, and send it back.
+    Stop(usize, mpsc::SyncSender<Option<Queue>>),
+}
+
+struct PoolThread {
+    wake: EventFd,
+    commands: mpsc::Sender<Command>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A connection's worker threads.
+pub(crate) struct WorkerPool {
+    threads: Vec<PoolThread>,
+    /// How many threads to use at most.
+    max_threads: usize,
+}
+
+impl WorkerPool {
+    /// A pool of at most `max_threads` threads (created when first needed).
+    pub fn new(max_threads: usize) -> Self {
+        Self { threads: Vec::new(), max_threads: max_threads.max(1) }
+    }
+
+    fn thread_for(&mut self, index: usize) -> std::io::Result<&PoolThread> {
+        let t = index % self.max_threads;
+        while self.threads.len() <= t {
+            let n = self.threads.len();
+            let wake = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+            let wake2 = wake.try_clone()?;
+            let (tx, rx) = mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("vireo-worker-{n}"))
+                .spawn(move || WorkerThread { wake: wake2, commands: rx, queues: Vec::new() }.run())?;
+            self.threads.push(PoolThread { wake, commands: tx, handle: Some(handle) });
+        }
+        Ok(&self.threads[t])
+    }
+
+    /// Hands a queue to its thread (queue `i` goes to thread `i % threads`).
+    pub fn start(&mut self, start: QueueStart) -> std::io::Result<()> {
+        let t = self.thread_for(start.index)?;
+        t.commands.send(Command::Start(Box::new(start))).map_err(|_| std::io::Error::other("worker thread gone"))?;
+        t.wake.write(1)
+    }
+
+    /// Takes queue `index` back from its thread, with nothing of it in flight.
+    pub fn stop(&mut self, index: usize) -> Option<Queue> {
+        let t = self.threads.get(index % self.max_threads)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        t.commands.send(Command::Stop(index, tx)).ok()?;
+        t.wake.write(1).ok()?;
+        rx.recv().ok().flatten()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        for t in &mut self.threads {
+            // Closing the channel ends the thread once it has drained its queues.
+            let (dead, _) = mpsc::channel();
+            t.commands = dead;
+            let _ = t.wake.write(1);
+            if let Some(h) = t.handle.take() {
+                let _ = h.join();
             }
-            w.drain(&mut queue);
-            queue
-        })?;
-        Ok(Self { stop, stopping, thread })
-    }
-
-    /// Stops the worker and waits for it: from here no thread touches the queue, and no request
-    /// of it is in flight.
-    pub fn stop(self) -> Option<Queue> {
-        self.stopping.store(true, Ordering::Relaxed);
-        let _ = self.stop.write(1);
-        self.thread.join().ok()
+        }
     }
 }
 
-struct Work {
+/// One queue served by a worker thread.
+struct Served {
     index: usize,
+    queue: Queue,
+    kick: Option<File>,
+    call: Option<File>,
     device: Arc<dyn Device>,
     engine: Option<Box<dyn Engine>>,
-    call: Option<File>,
+    poll: bool,
+    broken: bool,
     done: Vec<(UsedToken, u32)>,
+    idle: u32,
 }
 
-impl Work {
+impl Served {
+    fn new(s: QueueStart) -> Self {
+        let engine = match s.device.engine(s.index) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(queue = s.index, error = %e, "no I/O engine; requests are handled synchronously");
+                None
+            }
+        };
+        let poll = s.poll || s.kick.is_none();
+        Self {
+            index: s.index,
+            queue: s.queue,
+            kick: s.kick,
+            call: s.call,
+            device: s.device,
+            engine,
+            poll,
+            broken: false,
+            done: Vec::new(),
+            idle: 0,
+        }
+    }
+
     /// One pass over the ring: completions first, then every available chain. Returns how many
     /// chains were popped.
-    fn pass(&mut self, qb: &mut QueueBatch<'_, '_>) -> Result<u32, QueueError> {
+    fn pass(
+        index: usize,
+        device: &dyn Device,
+        engine: &mut Option<Box<dyn Engine>>,
+        done: &mut Vec<(UsedToken, u32)>,
+        qb: &mut QueueBatch<'_, '_>,
+    ) -> Result<u32, QueueError> {
         let mem = qb.memory();
-        if let Some(engine) = self.engine.as_mut() {
-            self.done.clear();
-            engine.reap(mem, &mut self.done);
-            for &(token, len) in &self.done {
+        if let Some(engine) = engine.as_mut() {
+            done.clear();
+            engine.reap(mem, done);
+            for &(token, len) in done.iter() {
                 qb.add_used(token, len)?;
             }
         }
         let mut n = 0u32;
         while let Some(chain) = qb.pop()? {
             let token = chain.token();
-            let finished = match self.engine.as_mut() {
+            let finished = match engine.as_mut() {
                 Some(engine) => engine.start(&chain, mem, token),
-                None => Some(self.device.handle(self.index, &chain, mem)),
+                None => Some(device.handle(index, &chain, mem)),
             };
             if let Some(written) = finished {
                 chain.log_written(mem, written)?;
@@ -92,9 +172,9 @@ impl Work {
             }
             n += 1;
         }
-        if let Some(engine) = self.engine.as_mut() {
+        if let Some(engine) = engine.as_mut() {
             if let Err(e) = engine.submit() {
-                tracing::error!(queue = self.index, error = %e, "I/O submission failed");
+                tracing::error!(queue = index, error = %e, "I/O submission failed");
             }
         }
         Ok(n)
@@ -108,140 +188,176 @@ impl Work {
         }
     }
 
-    /// Completes every request in flight before the queue is handed back.
-    fn drain(&mut self, queue: &mut Queue) {
-        while self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
+    fn break_queue(&mut self, e: &QueueError) {
+        tracing::warn!(queue = self.index, error = %e, "queue broken; it stays stopped until reset");
+        if let Some(e) = self.engine.as_mut() {
+            e.discard();
+        }
+        self.broken = true;
+    }
+
+    /// Processes the ring until it has nothing more (kick mode: with notifications re-enabled;
+    /// poll mode: one pass with notifications off). Returns whether it did any work.
+    fn run(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        let mut worked = false;
+        loop {
+            let (index, poll) = (self.index, self.poll);
+            let (device, engine, done) = (&*self.device, &mut self.engine, &mut self.done);
+            let res = self.queue.process(|qb| {
+                if poll {
+                    qb.disable_notification()?;
+                }
+                let n = Self::pass(index, device, engine, done, qb)?;
+                let more = if poll { false } else { qb.enable_notification()? };
+                Ok::<(u32, bool), QueueError>((n, more))
+            });
+            match res {
+                Ok((Ok((n, more)), notify)) => {
+                    self.signal(notify);
+                    worked |= n > 0 || notify;
+                    if !more {
+                        return worked;
+                    }
+                }
+                Ok((Err(e), _)) | Err(e) => {
+                    self.break_queue(&e);
+                    return worked;
+                }
+            }
+        }
+    }
+
+    /// Completes every request in flight (before the queue is handed back).
+    fn drain(&mut self) {
+        while !self.broken && self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
             if let Some(e) = self.engine.as_mut() {
                 if let Err(err) = e.wait() {
                     tracing::error!(queue = self.index, error = %err, "waiting for I/O failed");
+                    e.discard();
                     return;
                 }
             }
-            let res = queue.process(|qb| {
+            let (engine, done) = (&mut self.engine, &mut self.done);
+            let res = self.queue.process(|qb| {
                 let mem = qb.memory();
-                self.done.clear();
-                if let Some(e) = self.engine.as_mut() {
-                    e.reap(mem, &mut self.done);
+                done.clear();
+                if let Some(e) = engine.as_mut() {
+                    e.reap(mem, done);
                 }
-                for &(token, len) in &self.done {
+                for &(token, len) in done.iter() {
                     qb.add_used(token, len)?;
                 }
                 Ok::<(), QueueError>(())
             });
             match res {
                 Ok((Ok(()), notify)) => self.signal(notify),
-                Ok((Err(e), _)) | Err(e) => {
-                    tracing::warn!(queue = self.index, error = %e, "queue broken while draining");
-                    if let Some(e) = self.engine.as_mut() {
-                        e.discard();
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Busy-polling: process the ring continuously with driver notifications off, until stopped.
-    fn run_polling(&mut self, queue: &mut Queue, stop: &AtomicBool) {
-        let mut idle = 0u32;
-        while !stop.load(Ordering::Relaxed) {
-            let res = queue.process(|qb| {
-                qb.disable_notification()?;
-                self.pass(qb)
-            });
-            match res {
-                Ok((Ok(n), notify)) => {
-                    self.signal(notify);
-                    // Spin while there is work; after a long idle stretch give the core away.
-                    let busy = n > 0 || self.engine.as_ref().is_some_and(|e| e.in_flight() > 0);
-                    idle = if busy { 0 } else { idle.saturating_add(1) };
-                    if idle > 100_000 {
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-                Ok((Err(e), _)) | Err(e) => {
-                    tracing::warn!(queue = self.index, error = %e, "queue broken; it stays stopped until reset");
-                    if let Some(e) = self.engine.as_mut() {
-                        e.discard();
-                    }
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                }
-            }
-        }
-    }
-
-    fn run(&mut self, queue: &mut Queue, kick: &File, stop: &EventFd) {
-        // SAFETY: `stop` lives for the whole loop.
-        let stop_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stop)) };
-        let kick_fd = kick.as_fd();
-        let mut broken = false;
-        // The first pass runs without waiting for a kick: a restarted backend has chains to
-        // resubmit (inflight tracking) or buffers made available while no backend listened.
-        let mut first = true;
-        loop {
-            if !first {
-                let engine_fd = self.engine.as_ref().map(|e| e.completion_fd());
-                let mut fds = vec![
-                    rustix::event::PollFd::new(&kick_fd, rustix::event::PollFlags::IN),
-                    rustix::event::PollFd::new(&stop_fd, rustix::event::PollFlags::IN),
-                ];
-                if let Some(fd) = engine_fd.as_ref() {
-                    fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
-                }
-                match rustix::event::poll(&mut fds, None) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        tracing::error!(queue = self.index, error = %e, "poll failed; worker stops");
-                        return;
-                    }
-                }
-                if !fds[1].revents().is_empty() {
-                    return;
-                }
-                let engine_ready = fds.get(2).is_some_and(|f| !f.revents().is_empty());
-                drop(fds);
-                drain_fd(kick_fd);
-                if engine_ready {
-                    if let Some(fd) = engine_fd {
-                        drain_fd(fd);
-                    }
-                }
-            }
-            first = false;
-            if broken {
-                continue;
-            }
-            loop {
-                let res = queue.process(|qb| {
-                    self.pass(qb)?;
-                    qb.enable_notification()
-                });
-                match res {
-                    Ok((Ok(more), notify)) => {
-                        self.signal(notify);
-                        if !more {
-                            break;
-                        }
-                    }
-                    Ok((Err(e), _)) | Err(e) => {
-                        tracing::warn!(queue = self.index, error = %e, "queue broken; it stays stopped until reset");
-                        if let Some(e) = self.engine.as_mut() {
-                            e.discard();
-                        }
-                        broken = true;
-                        break;
-                    }
-                }
+                Ok((Err(e), _)) | Err(e) => self.break_queue(&e),
             }
         }
     }
 }
 
-fn drain_fd(f: std::os::fd::BorrowedFd<'_>) {
+struct WorkerThread {
+    wake: EventFd,
+    commands: mpsc::Receiver<Command>,
+    queues: Vec<Served>,
+}
+
+impl WorkerThread {
+    /// Applies pending commands; false when the pool is gone.
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Start(s)) => {
+                    let mut q = Served::new(*s);
+                    tracing::debug!(queue = q.index, poll = q.poll, "queue started");
+                    // The first pass runs at once: a restarted backend has chains to resubmit
+                    // (inflight tracking) or buffers made available while no backend listened.
+                    q.run();
+                    self.queues.push(q);
+                }
+                Ok(Command::Stop(index, reply)) => {
+                    let q = self.queues.iter().position(|q| q.index == index).map(|i| self.queues.swap_remove(i));
+                    let _ = reply.send(q.map(|mut q| {
+                        q.drain();
+                        q.queue
+                    }));
+                }
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    for q in &mut self.queues {
+                        q.drain();
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let polling = self.queues.iter().any(|q| q.poll && !q.broken);
+            let ready = {
+                // SAFETY: the eventfd lives as long as `self`, beyond this poll call.
+                let wake = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.wake)) };
+                let mut watched = vec![wake];
+                let mut owner = Vec::new();
+                for (i, q) in self.queues.iter().enumerate() {
+                    if let Some(k) = q.kick.as_ref().filter(|_| !q.poll) {
+                        watched.push(k.as_fd());
+                        owner.push(i);
+                    }
+                    if let Some(e) = q.engine.as_ref() {
+                        watched.push(e.completion_fd());
+                        owner.push(i);
+                    }
+                }
+                let mut fds: Vec<_> =
+                    watched.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
+                let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+                match rustix::event::poll(&mut fds, polling.then_some(&zero)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "worker poll failed; the thread stops");
+                        return;
+                    }
+                }
+                let mut ready = vec![false; self.queues.len()];
+                let fired: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+                drop(fds);
+                for ((fd, &i), &f) in watched[1..].iter().zip(&owner).zip(&fired[1..]) {
+                    if f {
+                        drain_fd(*fd);
+                        ready[i] = true;
+                    }
+                }
+                let wake_ready = fired[0];
+                if wake_ready {
+                    drain_fd(wake);
+                }
+                ready
+            };
+            for (q, r) in self.queues.iter_mut().zip(&ready) {
+                if *r || q.poll {
+                    let worked = q.run();
+                    q.idle = if worked { 0 } else { q.idle.saturating_add(1) };
+                }
+            }
+            if !self.commands() {
+                return;
+            }
+            if polling && self.queues.iter().all(|q| q.idle > 100_000) {
+                // A long idle stretch: give the core away briefly.
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn drain_fd(f: BorrowedFd<'_>) {
     let mut buf = [0u8; 8];
     let _ = rustix::io::read(f, &mut buf);
 }

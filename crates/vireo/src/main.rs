@@ -51,9 +51,19 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BlkArgs {
-    /// The vhost-user socket to listen on (created; removed on exit).
+    /// The vhost-user socket to listen on (created; removed on exit), or with --client the
+    /// frontend's socket to connect to.
     #[arg(long)]
     socket_path: std::path::PathBuf,
+    /// Connect to the frontend's socket (QEMU's `-chardev socket,server=on`) instead of
+    /// listening, and connect again with backoff (50 ms doubling to 2 s) whenever the
+    /// connection ends or the socket is not there yet.
+    #[arg(long)]
+    client: bool,
+    /// Worker threads per connection; queue i is served by thread i % N from one poll loop.
+    /// Default: one thread per queue.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// The raw image file or block device to serve.
     #[arg(long, conflicts_with = "null", required_unless_present = "null")]
     image: Option<std::path::PathBuf>,
@@ -73,8 +83,8 @@ struct BlkArgs {
     /// The device id the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, default_value = "vireo")]
     serial: String,
-    /// Busy-poll each queue on its own thread instead of waiting for the guest's kicks (lower
-    /// latency at the price of one busy core per queue).
+    /// Busy-poll the rings instead of waiting for the guest's kicks: each worker thread spins
+    /// over its queues (lower latency at the price of a busy core per thread).
     #[arg(long)]
     poll: bool,
     /// How image I/O is done: `io-uring` (one ring per queue, many requests in flight, completed
@@ -136,7 +146,7 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
         (None, None) => unreachable!("clap requires --image or --null"),
     };
     // A socket another backend listens on must not be stolen from it.
-    if std::os::unix::net::UnixStream::connect(&a.socket_path).is_ok() {
+    if !a.client && std::os::unix::net::UnixStream::connect(&a.socket_path).is_ok() {
         return Err(BlkError::InUse(a.socket_path.display().to_string()));
     }
     let device = vireo_blk::BlkDevice::new(
@@ -154,7 +164,8 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
     }
-    vireo_vhost::serve_with(&a.socket_path, Arc::new(device), &stop, a.poll)?;
+    let opts = vireo_vhost::ServeOptions { poll: a.poll, threads: a.threads.map(usize::from), client: a.client };
+    vireo_vhost::serve_opts(&a.socket_path, Arc::new(device), &stop, &opts)?;
     Ok(())
 }
 

@@ -1,0 +1,121 @@
+//! `vireo blk`'s serving modes, as a user runs them: `--threads` (fewer worker threads than
+//! queues) and `--client` (Vireo connects to the frontend's socket and reconnects when it goes).
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vireo_driver::blk::{req, status};
+use vireo_driver::{pattern, BlkDevice, BlkOptions};
+
+struct Scratch {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vireo-modes-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir, child: None }
+    }
+
+    fn spawn(&mut self, args: &[&str], sock: &Path) {
+        let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+            .arg("blk")
+            .args(args)
+            .arg("--socket-path")
+            .arg(sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vireo");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no socket at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes a pattern on every queue and reads it back.
+fn exercise(dev: &mut BlkDevice, seed: u64) {
+    for q in 0..dev.num_queues() {
+        let data = pattern(seed + q as u64, 8192);
+        let sector = 64 * q as u64;
+        let slot = dev.submit(q, req::OUT, sector, Some(&data), 0).unwrap();
+        dev.kick(q).unwrap();
+        let mut done = Vec::new();
+        while !done.iter().any(|c: &vireo_driver::Completion| c.slot == slot) {
+            dev.wait(q, Duration::from_secs(10), &mut done).unwrap();
+        }
+        assert!(done.iter().all(|c| c.status == status::OK));
+        let slot = dev.submit(q, req::IN, sector, None, 8192).unwrap();
+        dev.kick(q).unwrap();
+        done.clear();
+        while !done.iter().any(|c: &vireo_driver::Completion| c.slot == slot) {
+            dev.wait(q, Duration::from_secs(10), &mut done).unwrap();
+        }
+        assert_eq!(dev.slot_data(q, slot, 8192).unwrap(), data, "queue {q}");
+    }
+}
+
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("vireo-worker"))
+        .count()
+}
+
+#[test]
+fn four_queues_on_two_worker_threads() {
+    let mut s = Scratch::new("threads");
+    let sock = s.dir.join("vhost.sock");
+    s.spawn(&["--null", "64M", "--num-queues", "4", "--threads", "2"], &sock);
+    wait_for(&sock);
+    let opts = BlkOptions { num_queues: 4, queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
+    let mut dev = BlkDevice::connect(&sock, &opts).unwrap();
+    assert_eq!(dev.num_queues(), 4);
+    exercise(&mut dev, 1);
+    assert_eq!(worker_threads(s.pid()), 2, "four queues share two worker threads");
+}
+
+#[test]
+fn client_mode_connects_and_reconnects() {
+    let mut s = Scratch::new("client");
+    let sock = s.dir.join("frontend.sock");
+    let image = s.dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    // Vireo starts first and waits (with backoff) for the frontend's socket to appear.
+    s.spawn(&["--client", "--image", image.to_str().unwrap(), "--num-queues", "2"], &sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let listener = UnixListener::bind(&sock).unwrap();
+    let opts = BlkOptions { num_queues: 2, queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
+    for round in 0..3 {
+        let (stream, _) = listener.accept().unwrap();
+        let mut dev = BlkDevice::with_stream(stream, &opts).unwrap();
+        exercise(&mut dev, 100 * round);
+        // The frontend goes away; Vireo connects again.
+    }
+}
