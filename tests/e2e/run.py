@@ -55,7 +55,7 @@ class Run:
     """One scratch directory with a vireo blk and a QEMU guest."""
 
     def __init__(self, name, guest_script, image_mib=256, vireo_args=(), qemu_args=(), mem="512M", image=None,
-                 cmdline=""):
+                 cmdline="", backend="vireo"):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"vireo-e2e-{name}.")
         self.image = image or os.path.join(self.dir, "disk.img")
@@ -77,6 +77,7 @@ class Run:
             f.write(open(os.path.join(CACHE, "initrd.img"), "rb").read() + cpio)
         self.vireo_log = open(os.path.join(self.dir, "vireo.log"), "w")
         self.vireo_args = vireo_args
+        self.backend = backend
         self.start_vireo()
         self.lines = []
         self.t0 = time.monotonic()
@@ -96,9 +97,16 @@ class Run:
 
     def start_vireo(self):
         env = dict(os.environ, VIREO_RETIRE="protnone", RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        self.vireo = subprocess.Popen([VIREO, "blk", "--socket-path", self.sock, "--image", self.image,
-                                       "--num-queues", "2", *self.vireo_args],
-                                      stdout=self.vireo_log, stderr=subprocess.STDOUT, env=env)
+        if self.backend == "qsd":
+            # The peer, on the same image with the same I/O path (io_uring, O_DIRECT).
+            cmd = ["qemu-storage-daemon", "--blockdev",
+                   f"driver=file,node-name=f0,filename={self.image},cache.direct=on,aio=io_uring",
+                   "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={self.sock},"
+                   "writable=on,num-queues=2"]
+        else:
+            cmd = [VIREO, "blk", "--socket-path", self.sock, "--image", self.image, "--num-queues", "2",
+                   *self.vireo_args]
+        self.vireo = subprocess.Popen(cmd, stdout=self.vireo_log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 10
         while not os.path.exists(self.sock):
             if self.vireo.poll() is not None or time.monotonic() > deadline:
@@ -425,7 +433,63 @@ TESTS = {"read_only": test_read_only, "hotplug": test_hotplug, "migration": test
          "reconnect": test_reconnect}
 
 
+GUEST_BENCH = "#!/bin/sh\n" + r'''
+t() { cut -d' ' -f1 /proc/uptime; }
+span() { awk -v a=$1 -v b=$2 'BEGIN{d=b-a; if (d<=0) d=0.01; print d}'; }
+dd if=/dev/urandom of=/tmp/src bs=1M count=64 status=none
+a=$(t); dd if=/tmp/src of=/dev/vda bs=1M oflag=direct status=none; b=$(t)
+dd if=/dev/vda of=/dev/null bs=1M count=64 iflag=direct status=none; c=$(t)
+echo "GUEST: BENCH 1m-write $(span $a $b) 64"
+echo "GUEST: BENCH 1m-read $(span $b $c) 64"
+a=$(t); dd if=/tmp/src of=/dev/vda bs=4k count=4096 seek=32768 oflag=direct status=none; b=$(t)
+dd if=/dev/vda of=/dev/null bs=4k count=4096 skip=32768 iflag=direct status=none; c=$(t)
+echo "GUEST: BENCH 4k-write-qd1 $(span $a $b) 4096"
+echo "GUEST: BENCH 4k-read-qd1 $(span $b $c) 4096"
+a=$(t)
+for n in 0 1 2 3; do dd if=/dev/vda of=/dev/null bs=4k count=2048 skip=$((n * 2048)) iflag=direct status=none & done
+wait; b=$(t)
+echo "GUEST: BENCH 4k-read-4jobs $(span $a $b) 8192"
+'''
+
+
+def bench(rounds=3):
+    """The same guest, the same image, Vireo and qemu-storage-daemon (both io_uring + O_DIRECT)
+    interleaved round by round: 1 MiB and 4 KiB direct I/O with busybox dd. Prints every run and
+    the medians; under TCG the guest's CPU is most of the cost, so this measures what a guest
+    sees, not the backends alone (that is `scripts/bench-blk.sh`)."""
+    results = {}
+    for rnd in range(rounds):
+        for backend in ("vireo", "qsd"):
+            args = ["--direct"] if backend == "vireo" else []
+            r = Run(f"bench-{backend}", GUEST_BENCH, backend=backend, vireo_args=args)
+            try:
+                ok = r.finish()
+                for l in r.lines:
+                    if "GUEST: BENCH " in l:
+                        name, secs, n = l.split("GUEST: BENCH ")[1].split()
+                        rate = float(n) / float(secs)
+                        results.setdefault((name, backend), []).append(rate)
+                if not ok:
+                    print(f"round {rnd} {backend}: guest FAIL", flush=True)
+            finally:
+                r.close()
+    import statistics
+    print(f"{'case':16} {'unit':6} {'vireo runs':28} {'qsd runs':28} {'vireo/qsd':>9}")
+    for name in ("1m-write", "1m-read", "4k-write-qd1", "4k-read-qd1", "4k-read-4jobs"):
+        v, q = results.get((name, "vireo"), []), results.get((name, "qsd"), [])
+        if not v or not q:
+            continue
+        unit = "MiB/s" if name.startswith("1m") else "IOPS"
+        fmt = lambda xs: ",".join(f"{x:.0f}" for x in xs)
+        ratio = statistics.median(v) / statistics.median(q)
+        print(f"{name:16} {unit:6} {fmt(v):28} {fmt(q):28} {ratio:9.2f}")
+
+
 def main():
+    if sys.argv[1:2] == ["bench"]:
+        subprocess.run([os.path.join(ROOT, "scripts", "demo.sh"), "--prepare"], check=True, stdout=subprocess.DEVNULL)
+        bench(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+        return
     names = sys.argv[1:] or list(TESTS)
     subprocess.run([os.path.join(ROOT, "scripts", "demo.sh"), "--prepare"], check=True, stdout=subprocess.DEVNULL)
     passed = failed = 0
