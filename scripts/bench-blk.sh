@@ -9,17 +9,27 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-5}
 SIZE=${SIZE:-1G}
+# MODE=null: both serve a null device (the data path alone). MODE=file: both serve the same
+# image file through io_uring with O_DIRECT (vireo --direct; qsd aio=io_uring,cache.direct=on).
+MODE=${MODE:-null}
 command -v qemu-storage-daemon >/dev/null || { echo "bench-blk: qemu-storage-daemon is needed (qemu-utils)" >&2; exit 1; }
 cargo build --release -p vireo >&2
 dir=$(mktemp -d /tmp/vireo-bench-blk.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
+if [ "$MODE" = file ]; then
+  SIZE=${FILE_SIZE:-256M}
+  # Written for real, so that reads hit allocated blocks rather than holes.
+  dd if=/dev/zero of="$dir/disk.img" bs=1M count=$(( $(numfmt --from=iec "$SIZE") >> 20 )) oflag=direct status=none
+fi
 
 start_qsd() { # queues -> prints pid; socket at $dir/qsd-$1.sock
   local q=$1 sock="$dir/qsd-$1.sock"
+  local blockdev="driver=null-co,node-name=n0,size=$(numfmt --from=iec "$SIZE")"
+  [ "$MODE" = file ] && blockdev="driver=file,node-name=n0,filename=$dir/disk.img,aio=io_uring,cache.direct=on"
   qemu-storage-daemon \
-    --blockdev "driver=null-co,node-name=n0,size=$(numfmt --from=iec "$SIZE")" \
+    --blockdev "$blockdev" \
     --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$q" \
     >"$dir/qsd-$q.log" 2>&1 &
   local pid=$!
@@ -30,7 +40,9 @@ start_qsd() { # queues -> prints pid; socket at $dir/qsd-$1.sock
 
 start_vireo() { # queues [extra flag] -> prints pid; socket at $dir/vireo$2-$1.sock
   local q=$1 flag=${2:-} sock="$dir/vireo${2:-}-$1.sock"
-  ./target/release/vireo blk --socket-path "$sock" --null "$SIZE" --num-queues "$q" $flag >"$dir/vireo$flag-$q.log" 2>&1 &
+  local what=(--null "$SIZE")
+  [ "$MODE" = file ] && what=(--image "$dir/disk.img" --direct)
+  ./target/release/vireo blk --socket-path "$sock" "${what[@]}" --num-queues "$q" $flag >"$dir/vireo$flag-$q.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
   [ -S "$sock" ] || { cat "$dir/vireo-$q.log" >&2; exit 1; }
@@ -50,7 +62,7 @@ for round in $(seq "$ROUNDS"); do
           vireo-poll) sock="$dir/vireo--poll-$q.sock"; pid=$ppid_; name="vireo --poll" ;;
           *) sock="$dir/qsd-$q.sock"; pid=$qpid; name=qemu-storage-daemon ;;
         esac
-        ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k \
+        ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k --size "$SIZE" \
           --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
           python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='$name'; d['round']=$round; print(json.dumps(d))" |
           tee -a "$results"

@@ -460,7 +460,7 @@ def bench(rounds=3):
     results = {}
     for rnd in range(rounds):
         for backend in ("vireo", "qsd"):
-            args = ["--direct"] if backend == "vireo" else []
+            args = ["--direct", *os.environ.get("VIREO_BENCH_ARGS", "").split()] if backend == "vireo" else []
             r = Run(f"bench-{backend}", GUEST_BENCH, backend=backend, vireo_args=args)
             try:
                 ok = r.finish()

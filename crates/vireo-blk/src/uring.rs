@@ -156,17 +156,17 @@ fn aligned(iov: &[libc::iovec], off: u64) -> bool {
 impl vireo_vhost::Engine for UringEngine {
     fn start(&mut self, chain: &Chain<'_>, mem: &Batch<'_>, token: UsedToken) -> Option<u32> {
         let Some((kind, off)) = self.plan(chain) else { return Some(self.dev.handle_sync(chain)) };
-        let mut pins = Vec::with_capacity(chain.segments());
+        let mut pins = Vec::with_capacity(1);
+        let gpas = (0..chain.segments()).filter_map(|i| chain.segment(i).map(|(gpa, _, _)| gpa));
+        if mem.io_pins(gpas, &mut pins).is_err() {
+            // Cannot pin (should not happen: every segment was translated in this batch): do it
+            // now, synchronously, under the batch's own pins.
+            return Some(self.dev.handle_sync(chain));
+        }
         let mut writable = Vec::new();
         let mut status_gpa = None;
         for i in 0..chain.segments() {
             let (gpa, w, s) = chain.segment(i)?;
-            match mem.io_pin(gpa) {
-                Ok(p) => pins.push(p),
-                // Cannot pin (should not happen: the segment was translated in this batch):
-                // do it now, synchronously, under the batch's own pin.
-                Err(_) => return Some(self.dev.handle_sync(chain)),
-            }
             if w {
                 let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
                 writable.push((gpa, len));

@@ -91,6 +91,31 @@ fn data_integrity_get_id_flush_and_reconnect() {
     assert_eq!(&file[2000 * 512..2000 * 512 + 65536], &pattern(102, 65536)[..]);
 }
 
+/// Memory by ADD_MEM_REG, the inflight area, and a queue stopped and started again: on both ring
+/// layouts for the stop/start part (the inflight area only with split rings, as offered).
+#[test]
+fn add_mem_reg_inflight_stop_and_restart() {
+    let srv = Server::start("slots", 16 << 20, false, 1);
+    for packed in [false, true] {
+        let opts = BlkOptions { packed, add_mem_reg: true, inflight: !packed, ..BlkOptions::default() };
+        let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
+        for i in 0..10u64 {
+            assert_eq!(dev.write(i * 8, &pattern(i + 50, 4096)).unwrap(), status::OK);
+        }
+        let base = dev.stop_queue(0).unwrap();
+        // Split: the next available index; packed: slot 10 with both wrap counters set.
+        let expect = if packed { 10 | 1 << 15 | (10 | 1 << 15) << 16 } else { 10 };
+        assert_eq!(base, expect, "packed={packed}");
+        dev.start_queue(0, (base & 0xffff) as u16).unwrap();
+        for i in 0..10u64 {
+            let (st, back) = dev.read(i * 8, 4096).unwrap();
+            assert_eq!(st, status::OK);
+            assert_eq!(back, pattern(i + 50, 4096));
+        }
+        assert_eq!(dev.stop_queue(0).unwrap() & 0x7fff, 20);
+    }
+}
+
 #[test]
 fn read_only_refuses_writes() {
     let srv = Server::start("ro", 1 << 20, true, 1);

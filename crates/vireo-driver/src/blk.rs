@@ -199,6 +199,9 @@ pub struct BlkOptions {
     /// Negotiate INFLIGHT_SHMFD: the backend records requests in flight in memory the driver
     /// keeps, so that after the backend dies [`BlkDevice::reconnect`] loses none.
     pub inflight: bool,
+    /// Send guest memory region by region with ADD_MEM_REG (CONFIGURE_MEM_SLOTS) instead of one
+    /// SET_MEM_TABLE.
+    pub add_mem_reg: bool,
 }
 
 impl Default for BlkOptions {
@@ -213,6 +216,7 @@ impl Default for BlkOptions {
             hugepages: false,
             log_shmfd: false,
             inflight: false,
+            add_mem_reg: false,
         }
     }
 }
@@ -306,6 +310,12 @@ impl BlkDevice {
                 return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
             }
             want |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
+        if opts.add_mem_reg {
+            if !proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS"));
+            }
+            want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
         if opts.inflight {
             if !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
@@ -424,7 +434,17 @@ impl BlkDevice {
         wd.guard("SET_FEATURES", || fe.set_features(self.features))?;
         let regions = self.regions();
         let (fe, wd) = (&mut self.fe, &self.watchdog);
-        wd.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
+        if self.proto_want.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            let slots = wd.guard("GET_MAX_MEM_SLOTS", || fe.get_max_mem_slots())?;
+            if (regions.len() as u64) > slots {
+                return Err(BlkError::Missing("enough memory slots for the guest RAM"));
+            }
+            for r in &regions {
+                wd.guard("ADD_MEM_REG", || fe.add_mem_region(r))?;
+            }
+        } else {
+            wd.guard("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
+        }
         let nq = u16::try_from(self.queues.len()).unwrap_or(u16::MAX);
         if want_inflight && self.inflight.is_none() {
             let ask = VhostUserInflight::new(0, 0, nq, self.queue_size);
@@ -486,6 +506,45 @@ impl BlkDevice {
         for q in 0..self.queues.len() {
             self.queues[q].kick.write(1)?;
         }
+        Ok(())
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE) and returns the position the backend reports: for a
+    /// split ring the next available index it would read, for a packed ring its 32-bit encoding.
+    /// The backend completes what it had taken first; [`BlkDevice::start_queue`] resumes.
+    pub fn stop_queue(&mut self, q: usize) -> Result<u32, BlkError> {
+        if q >= self.queues.len() {
+            return Err(BlkError::Missing("a queue with that index"));
+        }
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        wd.guard("GET_VRING_BASE", || fe.get_vring_base(q))
+    }
+
+    /// Starts queue `q` again after [`BlkDevice::stop_queue`], at `base` (what it returned, or
+    /// for a split ring any position the driver chooses).
+    pub fn start_queue(&mut self, q: usize, base: u16) -> Result<(), BlkError> {
+        let queue = self.queues.get(q).ok_or(BlkError::Missing("a queue with that index"))?;
+        let (d, a, u) = match &queue.ring {
+            Ring::Split(r) => r.addrs(),
+            Ring::Packed(r) => r.addrs(),
+        };
+        let cfg = VringConfigData {
+            queue_max_size: self.queue_size,
+            queue_size: self.queue_size,
+            flags: 0,
+            desc_table_addr: self.ram.user_addr(d)?,
+            used_ring_addr: self.ram.user_addr(u)?,
+            avail_ring_addr: self.ram.user_addr(a)?,
+            log_addr: None,
+        };
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        wd.guard("SET_VRING_NUM", || fe.set_vring_num(q, self.queue_size))?;
+        wd.guard("SET_VRING_BASE", || fe.set_vring_base(q, base))?;
+        wd.guard("SET_VRING_ADDR", || fe.set_vring_addr(q, &cfg))?;
+        // libvhost-user forgets both eventfds at GET_VRING_BASE: send them again, as QEMU does.
+        wd.guard("SET_VRING_CALL", || fe.set_vring_call(q, &queue.call))?;
+        wd.guard("SET_VRING_KICK", || fe.set_vring_kick(q, &queue.kick))?;
+        wd.guard("SET_VRING_ENABLE", || fe.set_vring_enable(q, true))?;
         Ok(())
     }
 

@@ -752,6 +752,23 @@ impl<'q> Batch<'q> {
         self.gate.pin_again(slot);
         Ok(IoPin { gate: self.gate.clone(), slot })
     }
+
+    /// [`Batch::io_pin`] for every address of `gpas`, one pin per distinct region (a request's
+    /// buffers are usually all in one region), appended to `out`.
+    pub fn io_pins(&self, gpas: impl Iterator<Item = GuestPhysAddr>, out: &mut Vec<IoPin>) -> Result<(), MemoryError> {
+        for gpa in gpas {
+            let slot = match self.last.get() {
+                Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => l.slot,
+                _ => self.translate_inner(gpa, 1, false)?.1,
+            };
+            if out.iter().any(|p| p.slot == slot) {
+                continue;
+            }
+            self.gate.pin_again(slot);
+            out.push(IoPin { gate: self.gate.clone(), slot });
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Batch<'_> {

@@ -197,14 +197,14 @@ impl Served {
     }
 
     /// Processes the ring until it has nothing more (kick mode: with notifications re-enabled;
-    /// poll mode: one pass with notifications off). Returns whether it did any work.
-    fn run(&mut self) -> bool {
+    /// poll mode, or `spin`: one pass with notifications off). Returns whether it did any work.
+    fn run(&mut self, spin: bool) -> bool {
         if self.broken {
             return false;
         }
         let mut worked = false;
         loop {
-            let (index, poll) = (self.index, self.poll);
+            let (index, poll) = (self.index, self.poll || spin);
             let (device, engine, done) = (&*self.device, &mut self.engine, &mut self.done);
             let res = self.queue.process(|qb| {
                 if poll {
@@ -276,7 +276,7 @@ impl WorkerThread {
                     tracing::debug!(queue = q.index, poll = q.poll, "queue started");
                     // The first pass runs at once: a restarted backend has chains to resubmit
                     // (inflight tracking) or buffers made available while no backend listened.
-                    q.run();
+                    q.run(false);
                     self.queues.push(q);
                 }
                 Ok(Command::Stop(index, reply)) => {
@@ -340,19 +340,53 @@ impl WorkerThread {
                 }
                 ready
             };
+            let mut any = false;
             for (q, r) in self.queues.iter_mut().zip(&ready) {
                 if *r || q.poll {
-                    let worked = q.run();
+                    let worked = q.run(false);
+                    any |= worked;
                     q.idle = if worked { 0 } else { q.idle.saturating_add(1) };
                 }
             }
             if !self.commands() {
                 return;
             }
+            if any && !polling {
+                self.spin();
+            }
             if polling && self.queues.iter().all(|q| q.idle > 100_000) {
                 // A long idle stretch: give the core away briefly.
                 std::thread::yield_now();
             }
+        }
+    }
+}
+
+/// How long a worker keeps polling its rings and engines after the last work before it sleeps
+/// in `poll(2)` (QEMU's iothreads poll adaptively up to 32 us by default): a request that
+/// arrives, or an I/O that completes, within it costs no wake-up.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(32);
+
+impl WorkerThread {
+    /// Polls every queue, notifications off, until `SPIN` passes without work; then one pass
+    /// with notifications on catches what arrived at the end.
+    fn spin(&mut self) {
+        let mut until = std::time::Instant::now() + SPIN;
+        loop {
+            let mut worked = false;
+            for q in self.queues.iter_mut() {
+                worked |= q.run(true);
+            }
+            let now = std::time::Instant::now();
+            if worked {
+                until = now + SPIN;
+            } else if now >= until {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        for q in self.queues.iter_mut().filter(|q| !q.poll) {
+            q.run(false);
         }
     }
 }
