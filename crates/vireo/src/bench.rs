@@ -228,6 +228,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         hugepages: a.hugepages,
         log_shmfd: a.log_all,
         inflight: false,
+        add_mem_reg: false,
     };
     let mut dev = BlkDevice::connect(&a.socket_path, &opts)?;
     if a.ring == RingKind::Packed && dev.features() & (1 << 34) == 0 {
