@@ -94,7 +94,19 @@ impl Mapping {
     /// The file offset need not be page aligned (vhost-user's `mmap_offset` only promises it is a
     /// byte offset): the mapping starts at the page below it and [`Mapping::as_ptr`] points at the
     /// requested byte.
+    ///
+    /// A regular file (memfd, hugetlbfs, image) must hold the whole range: touching a page of a
+    /// mapping beyond the end of its file raises SIGBUS, so a frontend that names more memory
+    /// than its file has is refused here. (A frontend that shrinks the file afterwards can still
+    /// cause that; the memfd seals that would prevent it are not something QEMU sets.)
     pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Self> {
+        let st = rustix::fs::fstat(fd)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile {
+            let end = offset.checked_add(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            if end > u64::try_from(st.st_size).unwrap_or(0) {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond the end of the file"));
+            }
+        }
         let page = page_size();
         let aligned_offset = offset - offset % page;
         let lead = offset - aligned_offset;

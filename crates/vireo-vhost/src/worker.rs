@@ -67,7 +67,7 @@ impl WorkerPool {
             let (tx, rx) = mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("vireo-worker-{n}"))
-                .spawn(move || WorkerThread { wake: wake2, commands: rx, queues: Vec::new() }.run())?;
+                .spawn(move || WorkerThread { wake: wake2, commands: rx, queues: Vec::new(), spin: SPIN_MAX }.run())?;
             self.threads.push(PoolThread { wake, commands: tx, handle: Some(handle) });
         }
         Ok(&self.threads[t])
@@ -264,6 +264,8 @@ struct WorkerThread {
     wake: EventFd,
     commands: mpsc::Receiver<Command>,
     queues: Vec<Served>,
+    /// The current spin window (adaptive, at most `SPIN_MAX`).
+    spin: std::time::Duration,
 }
 
 impl WorkerThread {
@@ -300,7 +302,7 @@ impl WorkerThread {
     fn run(mut self) {
         loop {
             let polling = self.queues.iter().any(|q| q.poll && !q.broken);
-            let ready = {
+            let (ready, slept) = {
                 // SAFETY: the eventfd lives as long as `self`, beyond this poll call.
                 let wake = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.wake)) };
                 let mut watched = vec![wake];
@@ -318,7 +320,10 @@ impl WorkerThread {
                 let mut fds: Vec<_> =
                     watched.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
                 let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-                match rustix::event::poll(&mut fds, polling.then_some(&zero)) {
+                let slept_from = std::time::Instant::now();
+                let res = rustix::event::poll(&mut fds, polling.then_some(&zero));
+                let slept = slept_from.elapsed();
+                match res {
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "worker poll failed; the thread stops");
@@ -338,8 +343,11 @@ impl WorkerThread {
                 if wake_ready {
                     drain_fd(wake);
                 }
-                ready
+                (ready, slept)
             };
+            if !polling {
+                self.adapt_spin(slept);
+            }
             let mut any = false;
             for (q, r) in self.queues.iter_mut().zip(&ready) {
                 if *r || q.poll {
@@ -351,7 +359,7 @@ impl WorkerThread {
             if !self.commands() {
                 return;
             }
-            if any && !polling {
+            if any && !polling && !self.spin.is_zero() {
                 self.spin();
             }
             if polling && self.queues.iter().all(|q| q.idle > 100_000) {
@@ -362,16 +370,31 @@ impl WorkerThread {
     }
 }
 
-/// How long a worker keeps polling its rings and engines after the last work before it sleeps
-/// in `poll(2)` (QEMU's iothreads poll adaptively up to 32 us by default): a request that
-/// arrives, or an I/O that completes, within it costs no wake-up.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(32);
+/// The longest a worker keeps polling its rings and engines after work before it sleeps in
+/// `poll(2)`, as QEMU's iothreads do (`poll-max-ns`, 32 us by default): a request that arrives,
+/// or an I/O that completes, within it costs no wake-up.
+const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(32);
 
 impl WorkerThread {
-    /// Polls every queue, notifications off, until `SPIN` passes without work; then one pass
-    /// with notifications on catches what arrived at the end.
+    /// The window adapts like QEMU's: a sleep shorter than the longest window means spinning
+    /// longer would have caught the event (double it, from 4 us); a sleep longer than that means
+    /// the spin before it waited in vain (halve it, down to none).
+    fn adapt_spin(&mut self, slept: std::time::Duration) {
+        if slept < SPIN_MAX {
+            self.spin = (self.spin * 2).clamp(std::time::Duration::from_micros(4), SPIN_MAX);
+        } else {
+            self.spin /= 2;
+            if self.spin < std::time::Duration::from_micros(1) {
+                self.spin = std::time::Duration::ZERO;
+            }
+        }
+    }
+
+    /// Polls every queue, notifications off, until the spin window passes without work; then
+    /// one pass with notifications on catches what arrived at the end.
     fn spin(&mut self) {
-        let mut until = std::time::Instant::now() + SPIN;
+        let window = self.spin;
+        let mut until = std::time::Instant::now() + window;
         loop {
             let mut worked = false;
             for q in self.queues.iter_mut() {
@@ -379,7 +402,7 @@ impl WorkerThread {
             }
             let now = std::time::Instant::now();
             if worked {
-                until = now + SPIN;
+                until = now + window;
             } else if now >= until {
                 break;
             }

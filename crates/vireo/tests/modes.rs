@@ -119,3 +119,32 @@ fn client_mode_connects_and_reconnects() {
         // The frontend goes away; Vireo connects again.
     }
 }
+
+/// SIGTERM while a frontend is connected and I/O has been done: `vireo blk` stops its queues,
+/// exits with success, and removes its socket.
+#[test]
+fn sigterm_with_a_frontend_connected_exits_and_removes_the_socket() {
+    let mut s = Scratch::new("sigterm");
+    let sock = s.dir.join("vhost.sock");
+    let image = s.dir.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(8 << 20).unwrap();
+    s.spawn(&["--image", image.to_str().unwrap()], &sock);
+    wait_for(&sock);
+    let opts = BlkOptions { queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
+    let mut dev = BlkDevice::connect(&sock, &opts).unwrap();
+    exercise(&mut dev, 7);
+    let pid = rustix::process::Pid::from_raw(i32::try_from(s.pid()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut child = s.child.take().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "vireo did not exit on SIGTERM with a frontend connected");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "the socket is removed");
+    drop(dev);
+}
