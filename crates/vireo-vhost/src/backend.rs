@@ -128,9 +128,11 @@ impl VhostUserBackend {
         self.rings.get_mut(index as usize).ok_or_else(|| invalid("queue index out of range"))
     }
 
+    /// Stops ring `index` if it runs (an index out of range is nothing to stop).
     fn stop(&mut self, index: usize) {
-        if std::mem::take(&mut self.rings[index].running) {
-            self.rings[index].stopped = self.workers.stop(index);
+        let Some(r) = self.rings.get_mut(index) else { return };
+        if std::mem::take(&mut r.running) {
+            r.stopped = self.workers.stop(index);
         }
     }
 
@@ -138,7 +140,7 @@ impl VhostUserBackend {
     /// and (with VHOST_USER_F_PROTOCOL_FEATURES) SET_VRING_ENABLE.
     fn maybe_start(&mut self, index: usize) -> Result<()> {
         let protocol = self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
-        let r = &self.rings[index];
+        let Some(r) = self.rings.get(index) else { return Err(invalid("queue index out of range")) };
         let has_kick = r.kick.is_some() || r.kick_polled;
         if r.running || r.size == 0 || r.addrs.is_none() || !has_kick || (protocol && !r.enabled) {
             return Ok(());
@@ -275,6 +277,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
         let max = self.device.max_queue_size();
         let size = u16::try_from(num).ok().filter(|&n| n > 0 && n <= max).ok_or(VuError::InvalidParam)?;
+        self.ring(index)?;
         self.stop(index as usize);
         self.ring(index)?.size = size;
         Ok(())
@@ -305,6 +308,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        self.ring(index)?;
         self.stop(index as usize);
         let r = self.ring(index)?;
         r.base = base;
