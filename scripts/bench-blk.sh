@@ -12,6 +12,11 @@ SIZE=${SIZE:-1G}
 # MODE=null: both serve a null device (the data path alone). MODE=file: both serve the same
 # image file through io_uring with O_DIRECT (vireo --direct; qsd aio=io_uring,cache.direct=on).
 MODE=${MODE:-null}
+# DRIVER_POLL=1: the driver polls the used rings instead of sleeping on call eventfds (`vireo
+# bench --poll`), the same for every backend.
+DRIVER_POLL=${DRIVER_POLL:-0}
+driver_flags=()
+[ "$DRIVER_POLL" = 1 ] && driver_flags=(--poll)
 command -v qemu-storage-daemon >/dev/null || { echo "bench-blk: qemu-storage-daemon is needed (qemu-utils)" >&2; exit 1; }
 cargo build --release -p vireo >&2
 dir=$(mktemp -d /tmp/vireo-bench-blk.XXXXXX)
@@ -62,7 +67,7 @@ for round in $(seq "$ROUNDS"); do
           vireo-poll) sock="$dir/vireo--poll-$q.sock"; pid=$ppid_; name="vireo --poll" ;;
           *) sock="$dir/qsd-$q.sock"; pid=$qpid; name=qemu-storage-daemon ;;
         esac
-        ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k --size "$SIZE" \
+        ./target/release/vireo bench --socket-path "$sock" --rw randread --bs 4k --size "$SIZE" "${driver_flags[@]}" \
           --iodepth "$depth" --numjobs "$q" --runtime "$RUNTIME" --backend-pid "$pid" --json |
           python3 -c "import json,sys; d=json.load(sys.stdin); d['backend']='$name'; d['round']=$round; print(json.dumps(d))" |
           tee -a "$results"
