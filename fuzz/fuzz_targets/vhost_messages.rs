@@ -1,20 +1,19 @@
 //! Everything a frontend controls on the socket: the fuzzer's bytes become a stream of vhost-user
 //! messages (request codes, flags, sizes, payloads, and attached memfds) sent to a backend for a
-//! two-queue null block device, decoded by the `vhost` crate and dispatched to Vireo's handlers
+//! two-queue null block device, received, checked and dispatched by Vireo's message loop
 //! (memory tables whose regions point anywhere in those memfds, rings at any address, features,
 //! inflight areas, dirty logs, ...). The backend must answer or refuse, never crash or hang;
 //! queues it starts run their workers on whatever the rings hold until the connection ends.
 #![no_main]
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use vhost::vhost_user::{BackendReqHandler, Error};
 use vireo_blk::{BlkConfig, BlkDevice, Storage};
-use vireo_vhost::VhostUserBackend;
+use vireo_vhost::ServeOptions;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Frontend request codes 1..=47 are defined; a few beyond them test the unknown-request path.
@@ -32,8 +31,6 @@ fuzz_target!(|data: &[u8]| {
     let (front, back) = UnixStream::pair().expect("socketpair");
     let device = BlkDevice::new(Storage::Null { size: 1 << 20 }, BlkConfig { num_queues: 2, ..BlkConfig::new("fuzz") })
         .expect("device");
-    let backend = Arc::new(Mutex::new(VhostUserBackend::new(Arc::new(device), false)));
-    let mut handler = BackendReqHandler::from_stream(back, backend.clone());
 
     // Message i: [code, flags, fds, len_lo, len_hi, honest] then `len` payload bytes.
     let mut rest = data;
@@ -61,23 +58,10 @@ fuzz_target!(|data: &[u8]| {
         fds_keep.extend(fds);
         messages += 1;
     }
-    // The frontend has said everything; the backend reads until the end of the stream.
+    // The frontend has said everything; the backend reads until the end of the stream (its
+    // replies fit in the socket buffer) and then stops every queue it started.
     let _ = front.shutdown(std::net::Shutdown::Write);
-    front.set_nonblocking(true).expect("nonblocking");
-    let mut sink = [0u8; 4096];
-    for _ in 0..256 {
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(Error::Disconnected | Error::PartialMessage | Error::SocketBroken(_) | Error::SocketError(_)) => break,
-            Err(_) => {}
-        }
-        // Drain replies so that the backend never blocks on a full socket.
-        while let Ok(n) = std::io::Read::read(&mut &front, &mut sink) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-    backend.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
-    let _ = (&front).flush();
+    let stop = AtomicBool::new(false);
+    vireo_vhost::serve_stream(back, Arc::new(device), &stop, &ServeOptions::default());
+    drop(fds_keep);
 });

@@ -3,22 +3,23 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{
-    BackendListener, BackendReqHandler, Error as VuError, GpuBackend, Listener, VhostUserBackendReqHandlerMut,
-};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use vhost::vhost_user::{Error as VuError, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
 use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
 use crate::device::Device;
+use crate::dispatch;
 use crate::worker::{QueueStart, WorkerPool};
 
 type Result<T> = std::result::Result<T, VuError>;
@@ -30,6 +31,9 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRT
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
+// A small constant (0x40) the bindings type as u32.
+#[allow(clippy::cast_possible_truncation)]
+const NEEDS_RESET: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
 
 /// Errors of the server loop.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,7 @@ pub enum ServeError {
         path: String,
         /// Why.
         #[source]
-        source: VuError,
+        source: std::io::Error,
     },
 }
 
@@ -59,6 +63,8 @@ struct Ring {
     kick_polled: bool,
     /// The queue is with a worker thread.
     running: bool,
+    /// Set by the worker when the driver broke the queue (reported as NEEDS_RESET).
+    broken: Arc<std::sync::atomic::AtomicBool>,
     /// The stopped queue, kept so that GET_VRING_BASE can report its position.
     stopped: Option<Queue>,
 }
@@ -78,6 +84,8 @@ pub struct VhostUserBackend {
     workers: WorkerPool,
     /// The inflight area (SET_INFLIGHT_FD) and the queue size its regions are laid out for.
     inflight: Option<(Arc<Mapping>, u16)>,
+    /// The device status byte (SET_STATUS).
+    status: u8,
 }
 
 impl std::fmt::Debug for VhostUserBackend {
@@ -121,6 +129,7 @@ impl VhostUserBackend {
             poll,
             workers: WorkerPool::new(threads),
             inflight: None,
+            status: 0,
         }
     }
 
@@ -185,12 +194,34 @@ impl VhostUserBackend {
             None => None,
         };
         let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
-        let start = QueueStart { index, queue, kick, call, device: self.device.clone(), poll: self.poll };
+        let broken = r.broken.clone();
+        broken.store(false, std::sync::atomic::Ordering::Relaxed);
+        let start = QueueStart { index, queue, kick, call, device: self.device.clone(), poll: self.poll, broken };
         self.workers.start(start).map_err(VuError::ReqHandlerError)?;
         self.rings[index].running = true;
         self.rings[index].stopped = None;
         tracing::debug!(queue = index, "queue started");
         Ok(())
+    }
+
+    /// The protocol features the frontend acknowledged.
+    pub fn acked_protocol_features(&self) -> u64 {
+        self.protocol_features
+    }
+
+    /// SET_STATUS: the driver's view of the device status. Rings are stopped and reset by
+    /// their own messages (QEMU writes 0 after GET_VRING_BASE), so only the value is kept.
+    pub fn set_status(&mut self, status: u64) -> Result<()> {
+        self.status = u8::try_from(status).map_err(|_| invalid("status beyond 8 bits"))?;
+        tracing::debug!(status = self.status, "device status");
+        Ok(())
+    }
+
+    /// GET_STATUS: the status last set, with VIRTIO_CONFIG_S_NEEDS_RESET when a queue broke.
+    pub fn status(&self) -> u64 {
+        let needs_reset = self.rings.iter().any(|r| r.broken.load(std::sync::atomic::Ordering::Relaxed));
+        let bit = if needs_reset { NEEDS_RESET } else { 0 };
+        u64::from(self.status | bit)
     }
 
     /// Stops every worker (the connection is going away).
@@ -371,7 +402,8 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::STATUS)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -560,41 +592,59 @@ fn wait_readable(fd: std::os::fd::RawFd) -> bool {
 
 /// Serves one connection until the frontend goes away or `stop` is set; then stops every
 /// queue and releases the connection's memory.
-fn serve_connection(
-    mut handler: BackendReqHandler<Mutex<VhostUserBackend>>,
-    backend: &Mutex<VhostUserBackend>,
-    stop: &std::sync::atomic::AtomicBool,
-) {
+fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!("frontend connected");
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&handler);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
     while !stop.load(Relaxed) {
         // Look at `stop` at least every 200 ms, also while a frontend is connected.
         if !wait_readable(fd) {
             continue;
         }
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(VuError::Disconnected | VuError::PartialMessage) => {
+        let msg = match dispatch::recv_message(sock) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(dispatch::ProtocolError::Disconnected) => {
                 tracing::info!("frontend disconnected");
                 break;
             }
             Err(e) => {
-                // A bad message is answered (or not) by the handler; the connection goes on
-                // unless the socket itself failed.
-                tracing::warn!(error = %e, "request failed");
-                if matches!(e, VuError::SocketBroken(_) | VuError::SocketError(_)) {
+                tracing::warn!(error = %e, "dropping the connection");
+                break;
+            }
+        };
+        let code = msg.code;
+        match dispatch::handle_message(&mut backend, msg) {
+            Ok(Some(reply)) => {
+                if let Err(e) = dispatch::send_reply(sock, code, &reply) {
+                    tracing::warn!(error = %e, "reply failed; dropping the connection");
                     break;
                 }
             }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping the connection");
+                break;
+            }
         }
     }
-    backend.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    backend.shutdown();
 }
 
-fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> Arc<Mutex<VhostUserBackend>> {
+fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> VhostUserBackend {
     let threads = opts.threads.unwrap_or_else(|| device.num_queues());
-    Arc::new(Mutex::new(VhostUserBackend::with_threads(device.clone(), opts.poll, threads)))
+    VhostUserBackend::with_threads(device.clone(), opts.poll, threads)
+}
+
+/// Serves one already connected frontend on `sock` until it goes away or `stop` is set (what
+/// the server loops do per connection; also the entry point of the message fuzzer).
+pub fn serve_stream(
+    sock: UnixStream,
+    device: Arc<dyn Device>,
+    stop: &std::sync::atomic::AtomicBool,
+    opts: &ServeOptions,
+) {
+    let backend = new_backend(&device, opts);
+    serve_connection(&sock, backend, stop);
 }
 
 /// Serves `device` at `path` as `opts` says: listening (the default), or connecting to the
@@ -610,33 +660,32 @@ pub fn serve_opts(
         return Ok(());
     }
     use std::sync::atomic::Ordering::Relaxed;
-    let mut listener =
-        Listener::new(path, true).map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
+    let listen_err = |e: std::io::Error| ServeError::Listen { path: path.display().to_string(), source: e };
+    // A stale socket file (a killed predecessor) is replaced; the caller checks that no live
+    // backend answers on it first.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
     tracing::info!(socket = %path.display(), "listening");
     let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     while !stop.load(Relaxed) {
-        let backend = new_backend(&device, opts);
-        let mut bl = BackendListener::new(&mut listener, backend.clone())
-            .map_err(|source| ServeError::Listen { path: path.display().to_string(), source })?;
-        let _ = bl.set_nonblocking(true);
-        let handler = loop {
-            if stop.load(Relaxed) {
-                let _ = std::fs::remove_file(path);
-                return Ok(());
-            }
-            match bl.accept() {
-                Ok(Some(h)) => break h,
-                // Wake for a connection at once, and at least every 200 ms to look at `stop`.
-                Ok(None) => {
-                    wait_readable(listen_fd);
+        match listener.accept() {
+            Ok((sock, _)) => {
+                if let Err(e) = sock.set_nonblocking(false) {
+                    tracing::warn!(error = %e, "cannot use the connection");
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
+                serve_connection(&sock, new_backend(&device, opts), stop);
             }
-        };
-        serve_connection(handler, &backend, stop);
+            // Wake for a connection at once, and at least every 200 ms to look at `stop`.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_readable(listen_fd);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
     }
     let _ = std::fs::remove_file(path);
     Ok(())
@@ -653,9 +702,7 @@ fn serve_client(path: &Path, device: &Arc<dyn Device>, stop: &std::sync::atomic:
             Ok(sock) => {
                 delay = std::time::Duration::from_millis(50);
                 announced = false;
-                let backend = new_backend(device, opts);
-                let handler = BackendReqHandler::from_stream(sock, backend.clone());
-                serve_connection(handler, &backend, stop);
+                serve_connection(&sock, new_backend(device, opts), stop);
             }
             Err(e) => {
                 if !announced {

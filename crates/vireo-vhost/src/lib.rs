@@ -20,7 +20,8 @@
 
 mod backend;
 mod device;
+pub mod dispatch;
 mod worker;
 
-pub use backend::{serve, serve_opts, serve_with, ServeError, ServeOptions, VhostUserBackend};
+pub use backend::{serve, serve_opts, serve_stream, serve_with, ServeError, ServeOptions, VhostUserBackend};
 pub use device::{Device, Engine};

@@ -31,6 +31,8 @@ pub(crate) struct QueueStart {
     pub device: Arc<dyn Device>,
     /// Busy-poll this ring instead of waiting for kicks.
     pub poll: bool,
+    /// Set when the driver breaks the queue.
+    pub broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Command {
@@ -114,6 +116,7 @@ struct Served {
     engine: Option<Box<dyn Engine>>,
     poll: bool,
     broken: bool,
+    broken_flag: Arc<std::sync::atomic::AtomicBool>,
     done: Vec<(UsedToken, u32)>,
     idle: u32,
 }
@@ -137,6 +140,7 @@ impl Served {
             engine,
             poll,
             broken: false,
+            broken_flag: s.broken,
             done: Vec::new(),
             idle: 0,
         }
@@ -194,6 +198,7 @@ impl Served {
             e.discard();
         }
         self.broken = true;
+        self.broken_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Processes the ring until it has nothing more (kick mode: with notifications re-enabled;
