@@ -5,12 +5,12 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use std::os::unix::net::{UnixListener, UnixStream};
 
 use vhost::vhost_user::{Error as VuError, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
