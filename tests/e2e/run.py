@@ -207,14 +207,25 @@ dd if=/dev/vda of=/dev/null bs=1M count=8 iflag=direct status=none && echo "GUES
 
 
 def test_hotplug():
-    """A memfd pc-dimm hot-added while the disk is in use: vireo maps it (ADD_MEM_REG), and I/O
-    whose buffers come from the new memory is correct."""
+    """A memfd pc-dimm hot-added while the guest reads the disk: vireo maps it (ADD_MEM_REG) under
+    running queues, the reads stay right, and I/O whose buffers come from the new memory is
+    correct."""
     script = "#!/bin/sh\n" + GUEST_IO + r'''
 blocks() { ls -d /sys/devices/system/memory/memory* | wc -l; }
 io A 0 || exit 1
 before=$(blocks); echo "GUEST: memory blocks before: $before"
+# I/O keeps running on the disk while the DIMM is added (ADD_MEM_REG under running queues):
+# reads of what io A wrote, checked against its checksum round after round.
+A=$(dd if=/dev/vda bs=1M count=32 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+( while [ ! -f /tmp/stop ]; do
+    R=$(dd if=/dev/vda bs=1M count=32 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+    [ "$R" = "$A" ] || { echo "GUEST: read during hotplug MISMATCH"; touch /tmp/bad; }
+  done ) &
 echo "GUEST: READY-FOR-HOTPLUG"
 i=0; while [ $(blocks) -le $before ]; do sleep 0.2; i=$((i+1)); [ $i -lt 600 ] || { echo "GUEST: no hotplug"; exit 1; }; done
+touch /tmp/stop; wait
+[ ! -f /tmp/bad ] || exit 1
+echo "GUEST: reads ran during the hotplug and matched"
 for s in /sys/devices/system/memory/memory*/state; do grep -q offline $s && echo online > $s || true; done
 echo "GUEST: memory blocks after: $(blocks); $(grep MemTotal /proc/meminfo)"
 # Fill most of the boot memory (ramfs pages stay put), so that new buffers land in the new DIMM.
