@@ -166,14 +166,15 @@ impl vireo_vhost::Engine for UringEngine {
         let mut writable = Vec::new();
         let mut status_gpa = None;
         for i in 0..chain.segments() {
-            let (gpa, w, s) = chain.segment(i)?;
+            let Some((gpa, w, s)) = chain.segment(i) else { return Some(self.dev.handle_sync(chain)) };
             if w {
                 let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
                 writable.push((gpa, len));
                 status_gpa = gpa.raw().checked_add(u64::from(len) - 1).map(GuestPhysAddr::new);
             }
         }
-        let status_gpa = status_gpa?;
+        // No writable byte for the status (plan() refused those already): synchronous path.
+        let Some(status_gpa) = status_gpa else { return Some(self.dev.handle_sync(chain)) };
         let read = kind == req::IN;
         let mut iov = Vec::with_capacity(chain.segments());
         if kind != req::FLUSH {
@@ -250,15 +251,28 @@ impl vireo_vhost::Engine for UringEngine {
     }
 
     fn wait(&mut self) -> std::io::Result<()> {
-        self.ring.submit_and_wait(1)?;
+        // A signal (SIGINT/SIGTERM have handlers) interrupts the wait; it is not a failure.
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
         self.unsubmitted = 0;
         Ok(())
     }
 
+    fn pending_submit(&self) -> bool {
+        self.unsubmitted > 0
+    }
+
     fn discard(&mut self) {
         while self.in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
             }
             self.unsubmitted = 0;
             let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();

@@ -91,13 +91,13 @@ fn data_integrity_get_id_flush_and_reconnect() {
     assert_eq!(&file[2000 * 512..2000 * 512 + 65536], &pattern(102, 65536)[..]);
 }
 
-/// Memory by ADD_MEM_REG, the inflight area, and a queue stopped and started again: on both ring
-/// layouts for the stop/start part (the inflight area only with split rings, as offered).
+/// Memory by ADD_MEM_REG, the inflight area, and a queue stopped and started again, on both ring
+/// layouts (a packed ring gets the area, as QEMU insists, but does not track in it).
 #[test]
 fn add_mem_reg_inflight_stop_and_restart() {
     let srv = Server::start("slots", 16 << 20, false, 1);
     for packed in [false, true] {
-        let opts = BlkOptions { packed, add_mem_reg: true, inflight: !packed, ..BlkOptions::default() };
+        let opts = BlkOptions { packed, add_mem_reg: true, inflight: true, ..BlkOptions::default() };
         let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
         for i in 0..10u64 {
             assert_eq!(dev.write(i * 8, &pattern(i + 50, 4096)).unwrap(), status::OK);

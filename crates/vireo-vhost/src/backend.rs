@@ -78,7 +78,7 @@ pub struct VhostUserBackend {
     protocol_features: u64,
     rings: Vec<Ring>,
     /// The files behind the current regions, kept open as long as they are mapped.
-    region_files: Vec<File>,
+    region_files: Vec<(u64, File)>,
     /// Workers busy-poll their rings instead of waiting for kicks.
     poll: bool,
     workers: WorkerPool,
@@ -142,6 +142,11 @@ impl VhostUserBackend {
         let Some(r) = self.rings.get_mut(index) else { return };
         if std::mem::take(&mut r.running) {
             r.stopped = self.workers.stop(index);
+            if r.stopped.is_none() {
+                // Its worker thread is gone: the ring's position is unknown.
+                tracing::error!(queue = index, "worker thread lost; the queue needs a reset");
+                r.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -174,7 +179,7 @@ impl VhostUserBackend {
             VuError::InvalidParam
         })?;
         queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
-        if let Some((area, queue_size)) = &self.inflight {
+        if let Some((area, queue_size)) = self.inflight.as_ref().filter(|_| !packed) {
             if r.size > *queue_size {
                 return Err(invalid("ring larger than the inflight area's queue size"));
             }
@@ -212,7 +217,9 @@ impl VhostUserBackend {
     /// SET_STATUS: the driver's view of the device status. Rings are stopped and reset by
     /// their own messages (QEMU writes 0 after GET_VRING_BASE), so only the value is kept.
     pub fn set_status(&mut self, status: u64) -> Result<()> {
-        self.status = u8::try_from(status).map_err(|_| invalid("status beyond 8 bits"))?;
+        // NEEDS_RESET is the device's to report, not the driver's to set (QEMU ORs back what
+        // GET_STATUS said).
+        self.status = u8::try_from(status).map_err(|_| invalid("status beyond 8 bits"))? & !NEEDS_RESET;
         tracing::debug!(status = self.status, "device status");
         Ok(())
     }
@@ -301,7 +308,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             tracing::warn!(error = %e, "memory table refused");
             VuError::InvalidParam
         })?;
-        self.region_files = files;
+        self.region_files = ctx.iter().map(|r| r.guest_phys_addr).zip(files).collect();
         Ok(None)
     }
 
@@ -455,7 +462,10 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
 
     fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
         if self.acked_features & VIRTIO_F_RING_PACKED != 0 {
-            return Err(invalid("inflight tracking is implemented for split rings only"));
+            // QEMU asks for the area whatever the ring layout and cannot start the device if it
+            // is refused. The area is handed out, but packed queues do not track in it: after a
+            // backend crash their requests in flight are not resubmitted.
+            tracing::warn!("inflight tracking is implemented for split rings only; packed rings run without it");
         }
         if usize::from(inflight.num_queues) > self.rings.len()
             || inflight.queue_size == 0
@@ -505,7 +515,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             tracing::warn!(error = %e, "region refused");
             VuError::InvalidParam
         })?;
-        self.region_files.push(fd);
+        self.region_files.push((region.guest_phys_addr, fd));
         Ok(None)
     }
 
@@ -519,7 +529,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             .map_err(|e| {
                 tracing::warn!(error = %e, "region removal refused");
                 VuError::InvalidParam
-            })
+            })?;
+        // The region is unmapped; its file goes too (one open descriptor per removed region
+        // would otherwise pile up until the next SET_MEM_TABLE).
+        self.region_files.retain(|(gpa, _)| *gpa != region.guest_phys_addr);
+        Ok(())
     }
 
     fn set_device_state_fd(
@@ -592,9 +606,16 @@ fn wait_readable(fd: std::os::fd::RawFd) -> bool {
 
 /// Serves one connection until the frontend goes away or `stop` is set; then stops every
 /// queue and releases the connection's memory.
-fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std::sync::atomic::AtomicBool) {
+/// Returns true when the connection ended on a protocol or socket error (not a disconnect).
+fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std::sync::atomic::AtomicBool) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!("frontend connected");
+    // A message is read whole once its header arrived; a frontend that stalls half-way through
+    // one must not hold the connection's thread (and `stop`) for ever.
+    if let Err(e) = sock.set_read_timeout(Some(std::time::Duration::from_secs(10))) {
+        tracing::warn!(error = %e, "cannot set a read timeout");
+    }
+    let mut failed = false;
     let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
     while !stop.load(Relaxed) {
         // Look at `stop` at least every 200 ms, also while a frontend is connected.
@@ -609,6 +630,7 @@ fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std
             }
             Err(e) => {
                 tracing::warn!(error = %e, "dropping the connection");
+                failed = true;
                 break;
             }
         };
@@ -617,17 +639,20 @@ fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std
             Ok(Some(reply)) => {
                 if let Err(e) = dispatch::send_reply(sock, code, &reply) {
                     tracing::warn!(error = %e, "reply failed; dropping the connection");
+                    failed = true;
                     break;
                 }
             }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "dropping the connection");
+                failed = true;
                 break;
             }
         }
     }
     backend.shutdown();
+    failed
 }
 
 fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> VhostUserBackend {
@@ -675,7 +700,7 @@ pub fn serve_opts(
                     tracing::warn!(error = %e, "cannot use the connection");
                     continue;
                 }
-                serve_connection(&sock, new_backend(&device, opts), stop);
+                let _ = serve_connection(&sock, new_backend(&device, opts), stop);
             }
             // Wake for a connection at once, and at least every 200 ms to look at `stop`.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -700,9 +725,15 @@ fn serve_client(path: &Path, device: &Arc<dyn Device>, stop: &std::sync::atomic:
     while !stop.load(Relaxed) {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(sock) => {
-                delay = std::time::Duration::from_millis(50);
                 announced = false;
-                serve_connection(&sock, new_backend(device, opts), stop);
+                if serve_connection(&sock, new_backend(device, opts), stop) {
+                    // Refused by us or broken: wait before trying again, or a frontend that
+                    // keeps sending what we refuse would spin this loop.
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                } else {
+                    delay = std::time::Duration::from_millis(50);
+                }
             }
             Err(e) => {
                 if !announced {

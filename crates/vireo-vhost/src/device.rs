@@ -57,4 +57,9 @@ pub trait Engine: Send {
     /// Waits for every request in flight and drops them without touching guest memory (the
     /// queue broke: nothing more is written to it); their pins are released.
     fn discard(&mut self);
+    /// Requests started but not yet handed to the kernel (a submission failed and must be
+    /// retried): the worker comes back without waiting for a kick.
+    fn pending_submit(&self) -> bool {
+        false
+    }
 }

@@ -43,6 +43,9 @@ enum Command {
 
 struct PoolThread {
     wake: EventFd,
+    /// Set before a command is sent: the thread's busy loops look at it and return to the main
+    /// loop, so that a stop never waits behind a queue that keeps having work.
+    pending: Arc<std::sync::atomic::AtomicBool>,
     commands: mpsc::Sender<Command>,
     handle: Option<JoinHandle<()>>,
 }
@@ -67,10 +70,16 @@ impl WorkerPool {
             let wake = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
             let wake2 = wake.try_clone()?;
             let (tx, rx) = mpsc::channel();
-            let handle = std::thread::Builder::new()
-                .name(format!("vireo-worker-{n}"))
-                .spawn(move || WorkerThread { wake: wake2, commands: rx, queues: Vec::new(), spin: SPIN_MAX }.run())?;
-            self.threads.push(PoolThread { wake, commands: tx, handle: Some(handle) });
+            let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let thread = WorkerThread {
+                wake: wake2,
+                pending: pending.clone(),
+                commands: rx,
+                queues: Vec::new(),
+                spin: SPIN_MAX,
+            };
+            let handle = std::thread::Builder::new().name(format!("vireo-worker-{n}")).spawn(move || thread.run())?;
+            self.threads.push(PoolThread { wake, pending, commands: tx, handle: Some(handle) });
         }
         Ok(&self.threads[t])
     }
@@ -78,6 +87,7 @@ impl WorkerPool {
     /// Hands a queue to its thread (queue `i` goes to thread `i % threads`).
     pub fn start(&mut self, start: QueueStart) -> std::io::Result<()> {
         let t = self.thread_for(start.index)?;
+        t.pending.store(true, std::sync::atomic::Ordering::SeqCst);
         t.commands.send(Command::Start(Box::new(start))).map_err(|_| std::io::Error::other("worker thread gone"))?;
         t.wake.write(1)
     }
@@ -86,6 +96,7 @@ impl WorkerPool {
     pub fn stop(&mut self, index: usize) -> Option<Queue> {
         let t = self.threads.get(index % self.max_threads)?;
         let (tx, rx) = mpsc::sync_channel(1);
+        t.pending.store(true, std::sync::atomic::Ordering::SeqCst);
         t.commands.send(Command::Stop(index, tx)).ok()?;
         t.wake.write(1).ok()?;
         rx.recv().ok().flatten()
@@ -109,16 +120,20 @@ impl Drop for WorkerPool {
 /// One queue served by a worker thread.
 struct Served {
     index: usize,
+    /// Declared (so dropped) before `queue`: an engine dropped with I/O in flight waits for the
+    /// kernel while the queue's memory registration still holds the regions off retirement.
+    engine: Option<Box<dyn Engine>>,
     queue: Queue,
     kick: Option<File>,
     call: Option<File>,
     device: Arc<dyn Device>,
-    engine: Option<Box<dyn Engine>>,
     poll: bool,
     broken: bool,
     broken_flag: Arc<std::sync::atomic::AtomicBool>,
     done: Vec<(UsedToken, u32)>,
     idle: u32,
+    /// The last `run` stopped with work left (see `MAX_PASSES`), or the engine could not submit.
+    backlog: bool,
 }
 
 impl Served {
@@ -143,6 +158,7 @@ impl Served {
             broken_flag: s.broken,
             done: Vec::new(),
             idle: 0,
+            backlog: false,
         }
     }
 
@@ -202,13 +218,18 @@ impl Served {
     }
 
     /// Processes the ring until it has nothing more (kick mode: with notifications re-enabled;
-    /// poll mode, or `spin`: one pass with notifications off). Returns whether it did any work.
+    /// poll mode, or `spin`: one pass with notifications off), or for at most `MAX_PASSES`
+    /// passes, after which `backlog` says the ring still has work (the thread's other queues and
+    /// commands get their turn first). Returns whether it did any work.
     fn run(&mut self, spin: bool) -> bool {
+        self.backlog = false;
         if self.broken {
             return false;
         }
         let mut worked = false;
+        let mut passes = 0u32;
         loop {
+            passes += 1;
             let (index, poll) = (self.index, self.poll || spin);
             let (device, engine, done) = (&*self.device, &mut self.engine, &mut self.done);
             let res = self.queue.process(|qb| {
@@ -223,7 +244,12 @@ impl Served {
                 Ok((Ok((n, more)), notify)) => {
                     self.signal(notify);
                     worked |= n > 0 || notify;
+                    self.backlog = self.engine.as_ref().is_some_and(|e| e.pending_submit());
                     if !more {
+                        return worked;
+                    }
+                    if passes >= MAX_PASSES {
+                        self.backlog = true;
                         return worked;
                     }
                 }
@@ -238,12 +264,12 @@ impl Served {
     /// Completes every request in flight (before the queue is handed back).
     fn drain(&mut self) {
         while !self.broken && self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
-            if let Some(e) = self.engine.as_mut() {
-                if let Err(err) = e.wait() {
-                    tracing::error!(queue = self.index, error = %err, "waiting for I/O failed");
-                    e.discard();
-                    return;
-                }
+            if let Some(Err(err)) = self.engine.as_mut().map(|e| e.wait()) {
+                // The requests cannot be completed into the ring: the queue is broken (the
+                // guest sees NEEDS_RESET) rather than handed back as if nothing were pending.
+                tracing::error!(queue = self.index, error = %err, "waiting for I/O failed");
+                self.break_queue(&QueueError::Config { what: "in-flight I/O could not be completed" });
+                return;
             }
             let (engine, done) = (&mut self.engine, &mut self.done);
             let res = self.queue.process(|qb| {
@@ -267,6 +293,7 @@ impl Served {
 
 struct WorkerThread {
     wake: EventFd,
+    pending: Arc<std::sync::atomic::AtomicBool>,
     commands: mpsc::Receiver<Command>,
     queues: Vec<Served>,
     /// The current spin window (adaptive, at most `SPIN_MAX`).
@@ -276,6 +303,8 @@ struct WorkerThread {
 impl WorkerThread {
     /// Applies pending commands; false when the pool is gone.
     fn commands(&mut self) -> bool {
+        // Cleared before the channel is read: a command sent after this is seen next time.
+        self.pending.store(false, std::sync::atomic::Ordering::SeqCst);
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Start(s)) => {
@@ -306,7 +335,7 @@ impl WorkerThread {
 
     fn run(mut self) {
         loop {
-            let polling = self.queues.iter().any(|q| q.poll && !q.broken);
+            let polling = self.queues.iter().any(|q| (q.poll || q.backlog) && !q.broken);
             let (ready, slept) = {
                 // SAFETY: the eventfd lives as long as `self`, beyond this poll call.
                 let wake = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.wake)) };
@@ -355,7 +384,7 @@ impl WorkerThread {
             }
             let mut any = false;
             for (q, r) in self.queues.iter_mut().zip(&ready) {
-                if *r || q.poll {
+                if *r || q.poll || q.backlog {
                     let worked = q.run(false);
                     any |= worked;
                     q.idle = if worked { 0 } else { q.idle.saturating_add(1) };
@@ -367,7 +396,7 @@ impl WorkerThread {
             if any && !polling && !self.spin.is_zero() {
                 self.spin();
             }
-            if polling && self.queues.iter().all(|q| q.idle > 100_000) {
+            if polling && self.queues.iter().filter(|q| q.poll).all(|q| q.idle > 100_000) {
                 // A long idle stretch: give the core away briefly.
                 std::thread::yield_now();
             }
@@ -379,6 +408,13 @@ impl WorkerThread {
 /// `poll(2)`, as QEMU's iothreads do (`poll-max-ns`, 32 us by default): a request that arrives,
 /// or an I/O that completes, within it costs no wake-up.
 const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(32);
+
+/// The longest one spin phase lasts however much work it finds, before the thread goes back to
+/// its main loop (commands, other fds).
+const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Passes over one ring in a row before the thread turns to its other queues.
+const MAX_PASSES: u32 = 64;
 
 impl WorkerThread {
     /// The window adapts like QEMU's: a sleep shorter than the longest window means spinning
@@ -399,8 +435,14 @@ impl WorkerThread {
     /// one pass with notifications on catches what arrived at the end.
     fn spin(&mut self) {
         let window = self.spin;
-        let mut until = std::time::Instant::now() + window;
+        let start = std::time::Instant::now();
+        let mut until = start + window;
         loop {
+            // A command waits (a ring to stop or start), or the spin has gone on long enough:
+            // back to the main loop, which looks at commands and every fd.
+            if self.pending.load(std::sync::atomic::Ordering::Relaxed) || start.elapsed() > SPIN_LIMIT {
+                break;
+            }
             let mut worked = false;
             for q in self.queues.iter_mut() {
                 worked |= q.run(true);
