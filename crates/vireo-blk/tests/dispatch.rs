@@ -2,17 +2,17 @@
 //! refusal, SET/GET_STATUS (with NEEDS_RESET once the driver broke a queue), wrong sizes, extra
 //! descriptors, unknown requests, and headers that end the connection.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
-use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_blk::{BlkConfig, BlkDevice, Storage};
-use vireo_driver::{Buffer, GuestRam, SplitDriver};
-use vireo_vhost::{ServeOptions, VhostUserBackend};
+use vireo_driver::Buffer;
+use vireo_vhost::ServeOptions;
 
 const NEED_REPLY: u32 = 0x8;
 const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -126,26 +126,8 @@ fn a_bad_header_ends_the_connection() {
 /// A queue the driver broke shows in GET_STATUS as VIRTIO_CONFIG_S_NEEDS_RESET.
 #[test]
 fn a_broken_queue_sets_needs_reset() {
-    let device = BlkDevice::new(Storage::Null { size: 1 << 20 }, BlkConfig::new("broken")).unwrap();
-    let mut backend = VhostUserBackend::new(Arc::new(device), false);
-    let mut ram = GuestRam::single(4 << 20).unwrap();
-    let mut drv = SplitDriver::new(&mut ram, 16).unwrap();
-    let regions: Vec<VhostUserMemoryRegion> = ram
-        .files()
-        .iter()
-        .map(|&(gpa, size, _)| VhostUserMemoryRegion::new(gpa.raw(), size, ram.user_addr(gpa).unwrap(), 0))
-        .collect();
-    let files = ram.files().iter().map(|&(_, _, fd)| std::fs::File::from(fd.try_clone_to_owned().unwrap())).collect();
-    backend.set_mem_table(&regions, files, None).unwrap();
-    let features = backend.get_features().unwrap() & !(1 << 34);
-    backend.set_features(features).unwrap();
+    let (mut backend, ram, mut drv) = common::polled_ring("broken");
     backend.set_status(0x0f).unwrap();
-    backend.set_vring_num(0, 16).unwrap();
-    let (d, a, u) = drv.addrs();
-    let user = |g| ram.user_addr(g).unwrap();
-    backend.set_vring_addr(0, VhostUserVringAddrFlags::empty(), user(d), user(u), user(a), 0).unwrap();
-    backend.set_vring_kick(0, None).unwrap();
-    backend.set_vring_enable(0, true).unwrap();
     assert_eq!(backend.status(), 0x0f);
     // A chain whose buffer lies outside guest memory breaks the queue.
     let bad = Buffer { gpa: vireo_memory::GuestPhysAddr::new(1 << 40), len: 16, writable: false };

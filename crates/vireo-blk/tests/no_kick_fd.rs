@@ -2,39 +2,20 @@
 //! kick, so the backend must poll the ring. Driven through the backend's request handler in this
 //! process, with a model driver on memfd guest RAM.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_blk::{BlkConfig, BlkDevice, Storage};
-use vireo_driver::{Buffer, GuestRam, SplitDriver};
+use vireo_driver::Buffer;
 use vireo_vhost::VhostUserBackend;
 
 #[test]
 fn a_ring_without_kick_fd_is_polled() {
-    let device = BlkDevice::new(Storage::Null { size: 1 << 20 }, BlkConfig::new("polled-ring")).unwrap();
-    let mut backend = VhostUserBackend::new(Arc::new(device), false);
-    let mut ram = GuestRam::single(4 << 20).unwrap();
-    let mut drv = SplitDriver::new(&mut ram, 16).unwrap();
-
-    let regions: Vec<VhostUserMemoryRegion> = ram
-        .files()
-        .iter()
-        .map(|&(gpa, size, _)| VhostUserMemoryRegion::new(gpa.raw(), size, ram.user_addr(gpa).unwrap(), 0))
-        .collect();
-    let files: Vec<std::fs::File> =
-        ram.files().iter().map(|&(_, _, fd)| std::fs::File::from(fd.try_clone_to_owned().unwrap())).collect();
-    backend.set_mem_table(&regions, files, None).unwrap();
-    let features = backend.get_features().unwrap() & !(1 << 34); // split ring
-    backend.set_features(features).unwrap();
-    backend.set_vring_num(0, 16).unwrap();
-    backend.set_vring_base(0, 0).unwrap();
-    let (d, a, u) = drv.addrs();
-    let user = |g| ram.user_addr(g).unwrap();
-    backend.set_vring_addr(0, VhostUserVringAddrFlags::empty(), user(d), user(u), user(a), 0).unwrap();
-    backend.set_vring_kick(0, None).unwrap();
-    backend.set_vring_enable(0, true).unwrap();
+    let (mut backend, mut ram, mut drv) = common::polled_ring("polled-ring");
 
     // GET_ID: header, 20-byte id buffer, status byte. Published, never kicked.
     let header = ram.alloc(16, 16).unwrap();

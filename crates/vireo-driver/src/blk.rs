@@ -176,6 +176,39 @@ fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<(), BlkError> {
     Ok(())
 }
 
+/// Sets ring `qi` up and enables it at `base`: size, base, addresses, both eventfds (libvhost-user
+/// forgets them at GET_VRING_BASE, so a restart sends them again, as QEMU does).
+fn start_ring(
+    fe: &mut Frontend,
+    wd: &Watchdog,
+    ram: &GuestRam,
+    queue_size: u16,
+    qi: usize,
+    q: &BlkQueue,
+    base: u16,
+) -> Result<(), BlkError> {
+    let (d, a, u) = match &q.ring {
+        Ring::Split(r) => r.addrs(),
+        Ring::Packed(r) => r.addrs(),
+    };
+    let cfg = VringConfigData {
+        queue_max_size: queue_size,
+        queue_size,
+        flags: 0,
+        desc_table_addr: ram.user_addr(d)?,
+        used_ring_addr: ram.user_addr(u)?,
+        avail_ring_addr: ram.user_addr(a)?,
+        log_addr: None,
+    };
+    wd.guard("SET_VRING_NUM", || fe.set_vring_num(qi, queue_size))?;
+    wd.guard("SET_VRING_BASE", || fe.set_vring_base(qi, base))?;
+    wd.guard("SET_VRING_ADDR", || fe.set_vring_addr(qi, &cfg))?;
+    wd.guard("SET_VRING_CALL", || fe.set_vring_call(qi, &q.call))?;
+    wd.guard("SET_VRING_KICK", || fe.set_vring_kick(qi, &q.kick))?;
+    wd.guard("SET_VRING_ENABLE", || fe.set_vring_enable(qi, true))?;
+    Ok(())
+}
+
 /// How to set the device up.
 #[derive(Clone, Debug)]
 pub struct BlkOptions {
@@ -455,29 +488,15 @@ impl BlkDevice {
             wd.guard("SET_INFLIGHT_FD", || fe.set_inflight_fd(info, file.as_raw_fd()))?;
         }
         for (qi, q) in self.queues.iter().enumerate() {
-            wd.guard("SET_VRING_NUM", || fe.set_vring_num(qi, self.queue_size))?;
-            let (base, (d, a, u)) = match &q.ring {
+            let base = match &q.ring {
                 // What the device completed is where it starts again; with an inflight area the
                 // backend resubmits what it had taken beyond that.
-                Ring::Split(r) => (r.device_used_idx(&self.ram)?, r.addrs()),
+                Ring::Split(r) => r.device_used_idx(&self.ram)?,
                 // A packed ring restarts at the driver's view of the device position (wrap
                 // counter in bit 15); both counters start at 1 (virtio 1.x 2.8.1).
-                Ring::Packed(r) => (r.device_position(), r.addrs()),
+                Ring::Packed(r) => r.device_position(),
             };
-            wd.guard("SET_VRING_BASE", || fe.set_vring_base(qi, base))?;
-            let cfg = VringConfigData {
-                queue_max_size: self.queue_size,
-                queue_size: self.queue_size,
-                flags: 0,
-                desc_table_addr: self.ram.user_addr(d)?,
-                used_ring_addr: self.ram.user_addr(u)?,
-                avail_ring_addr: self.ram.user_addr(a)?,
-                log_addr: None,
-            };
-            wd.guard("SET_VRING_ADDR", || fe.set_vring_addr(qi, &cfg))?;
-            wd.guard("SET_VRING_CALL", || fe.set_vring_call(qi, &q.call))?;
-            wd.guard("SET_VRING_KICK", || fe.set_vring_kick(qi, &q.kick))?;
-            wd.guard("SET_VRING_ENABLE", || fe.set_vring_enable(qi, true))?;
+            start_ring(fe, wd, &self.ram, self.queue_size, qi, q, base)?;
         }
         Ok(())
     }
@@ -524,28 +543,7 @@ impl BlkDevice {
     /// for a split ring any position the driver chooses).
     pub fn start_queue(&mut self, q: usize, base: u16) -> Result<(), BlkError> {
         let queue = self.queues.get(q).ok_or(BlkError::Missing("a queue with that index"))?;
-        let (d, a, u) = match &queue.ring {
-            Ring::Split(r) => r.addrs(),
-            Ring::Packed(r) => r.addrs(),
-        };
-        let cfg = VringConfigData {
-            queue_max_size: self.queue_size,
-            queue_size: self.queue_size,
-            flags: 0,
-            desc_table_addr: self.ram.user_addr(d)?,
-            used_ring_addr: self.ram.user_addr(u)?,
-            avail_ring_addr: self.ram.user_addr(a)?,
-            log_addr: None,
-        };
-        let (fe, wd) = (&mut self.fe, &self.watchdog);
-        wd.guard("SET_VRING_NUM", || fe.set_vring_num(q, self.queue_size))?;
-        wd.guard("SET_VRING_BASE", || fe.set_vring_base(q, base))?;
-        wd.guard("SET_VRING_ADDR", || fe.set_vring_addr(q, &cfg))?;
-        // libvhost-user forgets both eventfds at GET_VRING_BASE: send them again, as QEMU does.
-        wd.guard("SET_VRING_CALL", || fe.set_vring_call(q, &queue.call))?;
-        wd.guard("SET_VRING_KICK", || fe.set_vring_kick(q, &queue.kick))?;
-        wd.guard("SET_VRING_ENABLE", || fe.set_vring_enable(q, true))?;
-        Ok(())
+        start_ring(&mut self.fe, &self.watchdog, &self.ram, self.queue_size, q, queue, base)
     }
 
     /// Requests submitted and not yet completed on queue `q`.
