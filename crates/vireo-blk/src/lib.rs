@@ -166,35 +166,42 @@ impl Inner {
     }
 
     /// Runs one request; returns the status and the bytes written before the status byte.
-    fn run(&self, kind: u32, sector: u64, chain: &Chain<'_>) -> (u8, u32) {
-        let data_in = chain.readable_len().saturating_sub(16);
-        let data_out = chain.writable_len().saturating_sub(1);
-        let in_range = |len: u32| {
-            sector.checked_mul(SECTOR).and_then(|o| o.checked_add(u64::from(len))).is_some_and(|end| end <= self.size())
+    /// The request header (type, sector), when the chain has one.
+    fn header(chain: &Chain<'_>) -> Option<(u32, u64)> {
+        let mut hdr = [0u8; 16];
+        if chain.read_at(0, &mut hdr) != 16 {
+            return None;
+        }
+        Some((u32::from_le_bytes(hdr[..4].try_into().ok()?), u64::from_le_bytes(hdr[8..].try_into().ok()?)))
+    }
+
+    /// Where a read (IN) or write (OUT) lands: byte offset and data length (the writable part
+    /// without its status byte, or the readable part after the header). `None` when it would
+    /// leave the device, writes a read-only one, or is not a read or write.
+    fn rw_extent(&self, kind: u32, sector: u64, chain: &Chain<'_>) -> Option<(u64, u32)> {
+        let len = match kind {
+            req::IN => chain.writable_len().saturating_sub(1),
+            req::OUT if !self.cfg.read_only => chain.readable_len().saturating_sub(16),
+            _ => return None,
         };
+        let off = sector.checked_mul(SECTOR)?;
+        (off.checked_add(u64::from(len))? <= self.size()).then_some((off, len))
+    }
+
+    fn run(&self, kind: u32, sector: u64, chain: &Chain<'_>) -> (u8, u32) {
+        let data_out = chain.writable_len().saturating_sub(1);
         match kind {
-            req::IN => {
-                if !in_range(data_out) {
-                    return (S_IOERR, 0);
-                }
-                match &self.storage {
-                    Storage::Null { .. } => (S_OK, data_out),
-                    Storage::File { file, .. } => match rw_vectored(file, chain, sector * SECTOR, false) {
-                        Ok(n) if n == data_out as usize => (S_OK, data_out),
-                        _ => (S_IOERR, 0),
-                    },
-                }
-            }
-            req::OUT => {
-                if self.cfg.read_only || !in_range(data_in) {
-                    return (S_IOERR, 0);
-                }
-                match &self.storage {
-                    Storage::Null { .. } => (S_OK, 0),
-                    Storage::File { file, .. } => match rw_vectored(file, chain, sector * SECTOR, true) {
-                        Ok(n) if n == data_in as usize => (S_OK, 0),
-                        _ => (S_IOERR, 0),
-                    },
+            req::IN | req::OUT => {
+                let Some((off, len)) = self.rw_extent(kind, sector, chain) else { return (S_IOERR, 0) };
+                let read = kind == req::IN;
+                let done = match &self.storage {
+                    Storage::Null { .. } => true,
+                    Storage::File { file, .. } => rw_vectored(file, chain, off, !read).is_ok_and(|n| n == len as usize),
+                };
+                match (done, read) {
+                    (true, true) => (S_OK, len),
+                    (true, false) => (S_OK, 0),
+                    (false, _) => (S_IOERR, 0),
                 }
             }
             req::FLUSH => match &self.storage {
@@ -354,13 +361,9 @@ impl Inner {
         if chain.writable_len() == 0 {
             return 0;
         }
-        let mut hdr = [0u8; 16];
-        let (status, data) = if chain.read_at(0, &mut hdr) == 16 {
-            let kind = u32::from_le_bytes(hdr[..4].try_into().unwrap_or([0; 4]));
-            let sector = u64::from_le_bytes(hdr[8..].try_into().unwrap_or([0; 8]));
-            self.run(kind, sector, chain)
-        } else {
-            (S_IOERR, 0)
+        let (status, data) = match Self::header(chain) {
+            Some((kind, sector)) => self.run(kind, sector, chain),
+            None => (S_IOERR, 0),
         };
         let status_at = chain.writable_len() as usize - 1;
         chain.write_at(status_at, &[status]);

@@ -14,7 +14,7 @@ use vireo_memory::{Batch, GuestPhysAddr, IoPin};
 use vireo_queue::{Chain, UsedToken};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{data_iovecs, req, Inner, Storage, SECTOR, S_IOERR, S_OK};
+use crate::{data_iovecs, req, Inner, Storage, S_IOERR, S_OK};
 
 /// O_DIRECT wants buffers, lengths and offsets aligned to the logical block size; 512 is what
 /// every device Linux supports accepts at least.
@@ -93,23 +93,13 @@ impl UringEngine {
         if chain.writable_len() == 0 {
             return None;
         }
-        let mut hdr = [0u8; 16];
-        if chain.read_at(0, &mut hdr) != 16 {
-            return None;
+        let (kind, sector) = Inner::header(chain)?;
+        if kind == req::FLUSH {
+            return Some((kind, 0));
         }
-        let kind = u32::from_le_bytes(hdr[..4].try_into().ok()?);
-        let sector = u64::from_le_bytes(hdr[8..].try_into().ok()?);
-        let len = match kind {
-            req::IN => chain.writable_len().checked_sub(1)?,
-            req::OUT if !self.dev.cfg.read_only => chain.readable_len().checked_sub(16)?,
-            req::FLUSH => return Some((kind, 0)),
-            _ => return None,
-        };
-        let off = sector.checked_mul(SECTOR)?;
-        if len == 0 || off.checked_add(u64::from(len))? > self.dev.size() {
-            return None;
-        }
-        Some((kind, off))
+        // Refusals and empty transfers are answered by the synchronous path.
+        let (off, len) = self.dev.rw_extent(kind, sector, chain)?;
+        (len > 0).then_some((kind, off))
     }
 
     fn finish(&mut self, slot: usize, res: i32, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) {

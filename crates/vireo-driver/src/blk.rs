@@ -795,15 +795,28 @@ impl BlkDevice {
         data: Option<&[u8]>,
         len: usize,
     ) -> Result<(u8, Vec<u8>), BlkError> {
-        let slot = self.submit(0, kind, sector, data, len)?;
-        self.kick(0)?;
+        self.run_on(0, kind, sector, data, len)
+    }
+
+    /// As [`BlkDevice::run_sync`], on queue `q` (other completions that arrive meanwhile are
+    /// consumed).
+    pub fn run_on(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<(u8, Vec<u8>), BlkError> {
+        let slot = self.submit(q, kind, sector, data, len)?;
+        self.kick(q)?;
         let mut done = Vec::new();
         while !done.iter().any(|c: &Completion| c.slot == slot) {
-            self.wait(0, Duration::from_secs(10), &mut done)?;
+            self.wait(q, Duration::from_secs(10), &mut done)?;
         }
         let c =
             done.iter().find(|c| c.slot == slot).copied().ok_or_else(|| BlkError::Timeout(Duration::from_secs(10)))?;
-        let back = if matches!(kind, req::IN | req::GET_ID) { self.slot_data(0, slot, len)? } else { Vec::new() };
+        let back = if matches!(kind, req::IN | req::GET_ID) { self.slot_data(q, slot, len)? } else { Vec::new() };
         Ok((c.status, back))
     }
 

@@ -417,9 +417,15 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         }
     }
 
+    /// Records `head` in the inflight area, if there is one: taken (`mark`) or completed
+    /// (`link`). A region the frontend corrupted breaks the queue.
     #[cold]
-    fn inflight_mark(&mut self, head: u16) -> Result<(), QueueError> {
-        match self.inflight.as_mut().map(|i| i.mark(head)) {
+    fn inflight_record(
+        &mut self,
+        head: u16,
+        op: fn(&mut Inflight, u16) -> Result<(), QueueError>,
+    ) -> Result<(), QueueError> {
+        match self.inflight.as_mut().map(|i| op(i, head)) {
             Some(Err(e)) => Err(self.fail(e)),
             _ => Ok(()),
         }
@@ -444,7 +450,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             if self.state.next_avail != *avail_shadow {
                 if let Some(id) = split_fast_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
                     if self.inflight.is_some() {
-                        self.inflight_mark(id)?;
+                        self.inflight_record(id, Inflight::mark)?;
                     }
                     return Ok(Some(Chain::new(id, 1, self.segs)));
                 }
@@ -461,20 +467,12 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         match res {
             Ok(Some((id, ring_descs))) => {
                 if self.inflight.is_some() {
-                    self.inflight_mark(id)?;
+                    self.inflight_record(id, Inflight::mark)?;
                 }
                 Ok(Some(Chain::new(id, ring_descs, self.segs)))
             }
             Ok(None) => Ok(None),
             Err(e) => Err(self.fail(e)),
-        }
-    }
-
-    #[cold]
-    fn inflight_link(&mut self, head: u16) -> Result<(), QueueError> {
-        match self.inflight.as_mut().map(|i| i.link(head)) {
-            Some(Err(e)) => Err(self.fail(e)),
-            _ => Ok(()),
         }
     }
 
@@ -510,7 +508,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             {
                 self.log_ring(Area::Device, off, 8);
                 if self.inflight.is_some() {
-                    self.inflight_link(token.id)?;
+                    self.inflight_record(token.id, Inflight::link)?;
                 }
                 self.state.next_used = self.state.next_used.wrapping_add(1);
                 self.used_added = self.used_added.wrapping_add(1);
@@ -557,7 +555,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         };
         res.map_err(|e| self.fail(e))?;
         if self.inflight.is_some() {
-            self.inflight_link(token.id)?;
+            self.inflight_record(token.id, Inflight::link)?;
         }
         self.used_added = self.used_added.wrapping_add(1);
         Ok(())

@@ -438,13 +438,9 @@ impl WorkerThread {
     fn spin(&mut self) {
         let window = self.spin;
         let start = std::time::Instant::now();
+        let limit = start + SPIN_LIMIT;
         let mut until = start + window;
         loop {
-            // A command waits (a ring to stop or start), or the spin has gone on long enough:
-            // back to the main loop, which looks at commands and every fd.
-            if self.pending.load(std::sync::atomic::Ordering::Relaxed) || start.elapsed() > SPIN_LIMIT {
-                break;
-            }
             let mut worked = false;
             for q in self.queues.iter_mut() {
                 worked |= q.run(true);
@@ -453,6 +449,11 @@ impl WorkerThread {
             if worked {
                 until = now + window;
             } else if now >= until {
+                break;
+            }
+            // A command waits (a ring to stop or start), or the spin has gone on long enough:
+            // back to the main loop, which looks at commands and every fd.
+            if self.pending.load(std::sync::atomic::Ordering::Relaxed) || now >= limit {
                 break;
             }
             std::hint::spin_loop();

@@ -63,20 +63,10 @@ fn exercise(dev: &mut BlkDevice, seed: u64) {
     for q in 0..dev.num_queues() {
         let data = pattern(seed + q as u64, 8192);
         let sector = 64 * q as u64;
-        let slot = dev.submit(q, req::OUT, sector, Some(&data), 0).unwrap();
-        dev.kick(q).unwrap();
-        let mut done = Vec::new();
-        while !done.iter().any(|c: &vireo_driver::Completion| c.slot == slot) {
-            dev.wait(q, Duration::from_secs(10), &mut done).unwrap();
-        }
-        assert!(done.iter().all(|c| c.status == status::OK));
-        let slot = dev.submit(q, req::IN, sector, None, 8192).unwrap();
-        dev.kick(q).unwrap();
-        done.clear();
-        while !done.iter().any(|c: &vireo_driver::Completion| c.slot == slot) {
-            dev.wait(q, Duration::from_secs(10), &mut done).unwrap();
-        }
-        assert_eq!(dev.slot_data(q, slot, 8192).unwrap(), data, "queue {q}");
+        assert_eq!(dev.run_on(q, req::OUT, sector, Some(&data), 0).unwrap().0, status::OK);
+        let (st, back) = dev.run_on(q, req::IN, sector, None, 8192).unwrap();
+        assert_eq!(st, status::OK);
+        assert_eq!(back, data, "queue {q}");
     }
 }
 
