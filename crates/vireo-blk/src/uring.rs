@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use vireo_memory::{Batch, GuestPhysAddr, IoPin};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, IoPin};
 use vireo_queue::{Chain, UsedToken};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,7 +27,9 @@ struct Request {
     expected: usize,
     /// A read: the data lands in the writable part.
     read: bool,
-    status_gpa: GuestPhysAddr,
+    /// Host address of the status byte: valid while `_pins` hold its region (an address looked
+    /// up again at the reap could meet a new memory table or IOTLB).
+    status: std::ptr::NonNull<u8>,
     writable_len: u32,
     /// The writable segments, for the dirty log.
     writable: Vec<(GuestPhysAddr, u32)>,
@@ -114,7 +116,11 @@ impl UringEngine {
             tracing::warn!(queue = self.queue, res, expected = r.expected, "I/O failed");
         }
         let status = if ok { S_OK } else { S_IOERR };
-        if let Err(e) = mem.write(r.status_gpa, &[status]) {
+        // SAFETY: `r.status` points at a byte inside a buffer of the chain, in a region the
+        // request's pins keep mapped (and, behind an IOTLB, translated) until `r` is dropped
+        // below; the slice lives only for this write.
+        let view = unsafe { GuestSlice::new(r.status, 1) };
+        if let Err(e) = view.write(0, status) {
             tracing::warn!(queue = self.queue, error = %e, "status byte not writable");
         }
         // The used length, as the synchronous path counts it.
@@ -146,25 +152,21 @@ fn aligned(iov: &[libc::iovec], off: u64) -> bool {
 impl vireo_vhost::Engine for UringEngine {
     fn start(&mut self, chain: &Chain<'_>, mem: &Batch<'_>, token: UsedToken) -> Option<u32> {
         let Some((kind, off)) = self.plan(chain) else { return Some(self.dev.handle_sync(chain)) };
-        let mut pins = Vec::with_capacity(1);
-        let gpas = (0..chain.segments()).filter_map(|i| chain.segment(i).map(|(gpa, _, _)| gpa));
-        if mem.io_pins(gpas, &mut pins).is_err() {
-            // Cannot pin (should not happen: every segment was translated in this batch): do it
-            // now, synchronously, under the batch's own pins.
-            return Some(self.dev.handle_sync(chain));
-        }
+        let mut pins = Vec::with_capacity(2);
+        chain.io_pins(mem, &mut pins);
         let mut writable = Vec::new();
-        let mut status_gpa = None;
+        let mut status = None;
         for i in 0..chain.segments() {
             let Some((gpa, w, s)) = chain.segment(i) else { return Some(self.dev.handle_sync(chain)) };
             if w {
                 let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
                 writable.push((gpa, len));
-                status_gpa = gpa.raw().checked_add(u64::from(len) - 1).map(GuestPhysAddr::new);
+                // Segments are never empty; the last byte of the last writable one.
+                status = std::ptr::NonNull::new(s.as_ptr().wrapping_add(s.len() - 1));
             }
         }
         // No writable byte for the status (plan() refused those already): synchronous path.
-        let Some(status_gpa) = status_gpa else { return Some(self.dev.handle_sync(chain)) };
+        let Some(status) = status else { return Some(self.dev.handle_sync(chain)) };
         let read = kind == req::IN;
         let mut iov = Vec::with_capacity(chain.segments());
         if kind != req::FLUSH {
@@ -184,16 +186,8 @@ impl vireo_vhost::Engine for UringEngine {
             self.slab.len() - 1
         });
         let iov_len = u32::try_from(iov.len()).unwrap_or(u32::MAX);
-        let request = Request {
-            token,
-            expected,
-            read,
-            status_gpa,
-            writable_len: chain.writable_len(),
-            writable,
-            iov,
-            _pins: pins,
-        };
+        let request =
+            Request { token, expected, read, status, writable_len: chain.writable_len(), writable, iov, _pins: pins };
         let iov_ptr = request.iov.as_ptr();
         self.slab[slot] = Some(request);
         let entry = match kind {

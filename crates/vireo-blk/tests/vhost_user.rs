@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vireo_blk::{BlkConfig, BlkDevice as Device, Storage};
 use vireo_driver::blk::{req, status};
-use vireo_driver::{pattern, BlkDevice, BlkOptions, Completion};
+use vireo_driver::{pattern, BlkDevice, BlkOptions, Completion, IommuMode};
 
 struct Server {
     dir: PathBuf,
@@ -125,17 +125,16 @@ fn read_only_refuses_writes() {
     assert!(std::fs::read(&srv.image).unwrap().iter().all(|&b| b == 0), "nothing changed on the host");
 }
 
-/// The frontend changes the memory table a few hundred times while two queues keep 32 requests
-/// each in flight: every request completes OK and every read returns what was written.
-#[test]
-fn memory_table_churn_under_io() {
-    let srv = Server::start("churn", 8 << 20, false, 2);
-    let opts = BlkOptions { num_queues: 2, slots: 32, max_request: 4096, ..BlkOptions::default() };
+/// Two queues keep 32 requests each in flight while `churn` runs a few hundred times between
+/// submission and completion: every request completes OK and every read returns what was
+/// written.
+fn churn_under_io(name: &str, opts: BlkOptions, mut churn: impl FnMut(&mut BlkDevice)) {
+    let srv = Server::start(name, 8 << 20, false, 2);
+    let opts = BlkOptions { num_queues: 2, slots: 32, max_request: 4096, ..opts };
     let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
     let mut written = std::collections::HashMap::new();
     let mut done: Vec<(usize, Completion)> = Vec::new();
     let mut inflight: std::collections::HashMap<(usize, u16), (u64, bool)> = Default::default();
-    let mut churns = 0;
     for round in 0..300u64 {
         for q in 0..2 {
             while dev.free_slots(q) > 0 {
@@ -156,8 +155,7 @@ fn memory_table_churn_under_io() {
             }
             dev.kick(q).unwrap();
         }
-        dev.resend_mem_table().unwrap();
-        churns += 1;
+        churn(&mut dev);
         done.clear();
         dev.wait_any(Duration::from_secs(10), &mut done).unwrap();
         for &(q, c) in &done {
@@ -168,7 +166,85 @@ fn memory_table_churn_under_io() {
             }
         }
     }
-    assert!(churns >= 300);
+}
+
+/// The frontend changes the memory table 300 times under I/O.
+#[test]
+fn memory_table_churn_under_io() {
+    let mut churns = 0;
+    churn_under_io("churn", BlkOptions::default(), |dev| {
+        dev.resend_mem_table().unwrap();
+        churns += 1;
+    });
+    assert_eq!(churns, 300);
+}
+
+/// Behind the driver's vIOMMU: all of guest RAM is invalidated 300 times under I/O (and, when
+/// premapped, mapped again), so queues miss, park, and resume mid-flight.
+#[test]
+fn iotlb_invalidation_churn_under_io() {
+    for mode in [IommuMode::OnDemand, IommuMode::Premapped] {
+        let mut misses = 0;
+        churn_under_io("iotlb-churn", BlkOptions { iommu: Some(mode), ..BlkOptions::default() }, |dev| {
+            dev.iotlb_churn().unwrap();
+            misses = dev.iotlb_misses();
+        });
+        // Premapped, a queue that runs between an invalidation and the remap misses too.
+        if mode == IommuMode::OnDemand {
+            assert!(misses >= 300, "every invalidation brings misses ({misses})");
+        }
+    }
+}
+
+/// Behind the driver's vIOMMU every address the device sees is an IOVA (256 GiB above the
+/// guest physical one): data, GET_ID, both ring layouts, both ways of filling the IOTLB.
+#[test]
+fn viommu_translates_every_address() {
+    let srv = Server::start("viommu", 16 << 20, false, 2);
+    for (mode, packed) in [
+        (IommuMode::Premapped, false),
+        (IommuMode::OnDemand, false),
+        (IommuMode::Premapped, true),
+        (IommuMode::OnDemand, true),
+    ] {
+        let opts = BlkOptions { num_queues: 2, packed, iommu: Some(mode), ..BlkOptions::default() };
+        let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
+        assert_ne!(dev.features() & (1 << 33), 0, "VIRTIO_F_ACCESS_PLATFORM negotiated");
+        for i in 0..16u64 {
+            let q = (i % 2) as usize;
+            let data = pattern(i + 900, 8192);
+            assert_eq!(dev.run_on(q, req::OUT, i * 64, Some(&data), 0).unwrap().0, status::OK);
+            assert_eq!(dev.run_on(q, req::IN, i * 64, None, 8192).unwrap(), (status::OK, data), "{mode:?} {packed}");
+        }
+        assert_eq!(dev.get_id().unwrap(), (status::OK, "vireo-viommu".to_string()));
+        let misses = dev.iotlb_misses();
+        match mode {
+            IommuMode::OnDemand => assert!(misses > 0, "on demand, the backend asks"),
+            IommuMode::Premapped => assert_eq!(misses, 0),
+        }
+    }
+}
+
+/// An IOTLB entry that does not allow what the device must do (a read request's data buffer
+/// mapped read-only) breaks that queue, and only it.
+#[test]
+fn viommu_permission_fault_breaks_only_that_queue() {
+    let srv = Server::start("viommu-perm", 1 << 20, false, 2);
+    let opts = BlkOptions { num_queues: 2, iommu: Some(IommuMode::Premapped), ..BlkOptions::default() };
+    let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
+    assert_eq!(dev.run_on(0, req::OUT, 0, Some(&[5u8; 4096]), 0).unwrap().0, status::OK);
+    let slot = dev.submit(0, req::IN, 0, None, 4096).unwrap();
+    let (_, data, _) = dev.slot_iovas(0, slot);
+    dev.iotlb_invalidate(data, 4096).unwrap();
+    dev.iotlb_update(data, 4096, 1).unwrap(); // VHOST_ACCESS_RO
+    dev.kick(0).unwrap();
+    let mut out = Vec::new();
+    assert!(
+        matches!(dev.wait(0, Duration::from_millis(500), &mut out), Err(vireo_driver::BlkError::Timeout(_))),
+        "the faulting request is not completed: {out:?}"
+    );
+    let back = dev.run_on(1, req::IN, 0, None, 4096).unwrap();
+    assert_eq!(back, (status::OK, vec![5u8; 4096]), "the other queue goes on");
 }
 
 /// Busy-polling workers (`vireo blk --poll`): the same data checks, on two queues.

@@ -12,6 +12,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vireo_memory::GuestPhysAddr;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::iommu::{IommuMode, IotlbSender, MissResponder, IOVA_OFFSET};
 use crate::ram::{GuestRam, RamError};
 use crate::virtq::{Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};
 
@@ -48,6 +49,7 @@ const VIRTIO_BLK_F_DISCARD: u64 = 1 << vblk::VIRTIO_BLK_F_DISCARD;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << vblk::VIRTIO_BLK_F_WRITE_ZEROES;
 const VIRTIO_BLK_F_RO: u64 = 1 << vblk::VIRTIO_BLK_F_RO;
 const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
+const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 
 /// How long the driver waits for any vhost-user reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,11 +105,16 @@ struct Watchdog {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     epoch: Instant,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Held for every exchange on the socket: the vIOMMU's IOTLB messages share it.
+    exchange: std::sync::Arc<std::sync::Mutex<()>>,
+    /// The connection's socket, for exchanges the `vhost` crate cannot make (IOTLB_MSG).
+    socket: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Watchdog {
     fn new(sock: std::os::unix::net::UnixStream) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+        let socket = sock.try_clone().ok();
         let deadline = std::sync::Arc::new(AtomicU64::new(0));
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
@@ -130,12 +137,13 @@ impl Watchdog {
                 })
                 .ok()
         };
-        Self { deadline, stop, epoch, thread }
+        Self { deadline, stop, epoch, thread, exchange: std::sync::Arc::default(), socket }
     }
 
     /// Runs one exchange under the deadline.
     fn guard<T>(&self, what: &'static str, f: impl FnOnce() -> vhost::Result<T>) -> Result<T, BlkError> {
         use std::sync::atomic::Ordering::Relaxed;
+        let _exchange = self.exchange.lock().unwrap_or_else(|e| e.into_inner());
         let d = self.epoch.elapsed() + REPLY_TIMEOUT;
         self.deadline.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1), Relaxed);
         let r = f();
@@ -191,13 +199,15 @@ fn start_ring(
         Ring::Split(r) => r.addrs(),
         Ring::Packed(r) => r.addrs(),
     };
+    // Behind the vIOMMU the rings are given as IOVAs, otherwise as this process's addresses.
+    let addr = |gpa| if ram.behind_iommu() { Ok(ram.dma(gpa)) } else { ram.user_addr(gpa) };
     let cfg = VringConfigData {
         queue_max_size: queue_size,
         queue_size,
         flags: 0,
-        desc_table_addr: ram.user_addr(d)?,
-        used_ring_addr: ram.user_addr(u)?,
-        avail_ring_addr: ram.user_addr(a)?,
+        desc_table_addr: addr(d)?,
+        used_ring_addr: addr(u)?,
+        avail_ring_addr: addr(a)?,
         log_addr: None,
     };
     wd.guard("SET_VRING_NUM", || fe.set_vring_num(qi, queue_size))?;
@@ -235,6 +245,8 @@ pub struct BlkOptions {
     /// Send guest memory region by region with ADD_MEM_REG (CONFIGURE_MEM_SLOTS) instead of one
     /// SET_MEM_TABLE.
     pub add_mem_reg: bool,
+    /// Act as a vIOMMU (VIRTIO_F_ACCESS_PLATFORM): give the device IOVAs and IOTLB entries.
+    pub iommu: Option<IommuMode>,
 }
 
 impl Default for BlkOptions {
@@ -250,6 +262,7 @@ impl Default for BlkOptions {
             log_shmfd: false,
             inflight: false,
             add_mem_reg: false,
+            iommu: None,
         }
     }
 }
@@ -307,6 +320,12 @@ pub struct BlkDevice {
     queue_size: u16,
     /// The inflight area the backend created (GET_INFLIGHT_FD), handed to every new connection.
     inflight: Option<(std::fs::File, VhostUserInflight)>,
+    iommu: Option<IommuMode>,
+    /// The vIOMMU's sender on this connection's socket, and the thread answering misses.
+    iotlb: Option<IotlbSender>,
+    responder: Option<MissResponder>,
+    /// Misses answered on earlier connections.
+    misses_before: u64,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -350,6 +369,15 @@ impl BlkDevice {
             }
             want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
+        if opts.iommu.is_some() {
+            if offered & VIRTIO_F_ACCESS_PLATFORM == 0 {
+                return Err(BlkError::Missing("VIRTIO_F_ACCESS_PLATFORM"));
+            }
+            if !proto.contains(VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK) {
+                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_BACKEND_REQ and REPLY_ACK"));
+            }
+            want |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         if opts.inflight {
             if !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
                 return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD"));
@@ -388,6 +416,9 @@ impl BlkDevice {
         if event_idx {
             features |= VIRTIO_RING_F_EVENT_IDX;
         }
+        if opts.iommu.is_some() {
+            features |= VIRTIO_F_ACCESS_PLATFORM;
+        }
 
         // Config space: capacity (sectors) at 0, blk_size at 20.
         let cfg_len = 60u32;
@@ -405,6 +436,9 @@ impl BlkDevice {
         let per_slot = (opts.max_request as u64).div_ceil(4096) * 4096 + 4096;
         let ram_size = (num_queues * (u64::from(opts.slots) * per_slot + (1 << 20))).div_ceil(2 << 20) * (2 << 20);
         let mut ram = GuestRam::with_pages(&[(0, ram_size)], opts.hugepages)?;
+        if opts.iommu.is_some() {
+            ram.set_dma_offset(IOVA_OFFSET);
+        }
 
         let mut queues = Vec::new();
         let num_queues = usize::try_from(num_queues).unwrap_or(1);
@@ -454,6 +488,10 @@ impl BlkDevice {
             proto_want: want,
             queue_size: opts.queue_size,
             inflight: None,
+            iommu: opts.iommu,
+            iotlb: None,
+            responder: None,
+            misses_before: 0,
         };
         dev.start(opts.inflight)?;
         Ok(dev)
@@ -487,6 +525,10 @@ impl BlkDevice {
         if let Some((file, info)) = &self.inflight {
             wd.guard("SET_INFLIGHT_FD", || fe.set_inflight_fd(info, file.as_raw_fd()))?;
         }
+        if let Some(mode) = self.iommu {
+            self.start_iommu(mode)?;
+        }
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
         for (qi, q) in self.queues.iter().enumerate() {
             let base = match &q.ring {
                 // What the device completed is where it starts again; with an inflight area the
@@ -499,6 +541,87 @@ impl BlkDevice {
             start_ring(fe, wd, &self.ram, self.queue_size, qi, q, base)?;
         }
         Ok(())
+    }
+
+    /// The vIOMMU's part of a connection: the backend channel and its miss responder, and in
+    /// [`IommuMode::Premapped`] an entry per guest RAM region.
+    fn start_iommu(&mut self, mode: IommuMode) -> Result<(), BlkError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        wd.guard("SET_BACKEND_REQ_FD", || fe.set_backend_request_fd(&theirs))?;
+        let sock = self.watchdog.socket.as_ref().ok_or(BlkError::Missing("a socket to clone"))?.try_clone()?;
+        let sender = IotlbSender::new(sock, self.watchdog.exchange.clone())?;
+        let regions: Vec<(u64, u64, u64)> = self
+            .ram
+            .files()
+            .iter()
+            .map(|&(gpa, size, _)| Ok((self.ram.dma(gpa), size, self.ram.user_addr(gpa)?)))
+            .collect::<Result<_, BlkError>>()?;
+        if mode == IommuMode::Premapped {
+            for &(iova, size, uaddr) in &regions {
+                sender.update(iova, size, uaddr)?;
+            }
+        }
+        self.misses_before += self.responder.as_ref().map_or(0, MissResponder::misses);
+        self.responder = Some(MissResponder::spawn(ours, sender.clone(), regions)?);
+        self.iotlb = Some(sender);
+        Ok(())
+    }
+
+    /// The IOVA the device sees for guest address `gpa` (itself without a vIOMMU).
+    pub fn iova(&self, gpa: GuestPhysAddr) -> u64 {
+        self.ram.dma(gpa)
+    }
+
+    /// The addresses the device is given for `slot` of queue `q`: header, data and status
+    /// (IOVAs behind the vIOMMU).
+    pub fn slot_iovas(&self, q: usize, slot: u16) -> (u64, u64, u64) {
+        let s = self.queues[q].slots[usize::from(slot)];
+        (self.ram.dma(s.header), self.ram.dma(s.data), self.ram.dma(s.status))
+    }
+
+    /// vIOMMU: maps `size` bytes at `iova` (inside guest RAM) with access `perm` (vhost's
+    /// VHOST_ACCESS_RO = 1, WO = 2, RW = 3).
+    pub fn iotlb_update(&self, iova: u64, size: u64, perm: u8) -> Result<(), BlkError> {
+        let sender = self.iotlb.as_ref().ok_or(BlkError::Missing("the vIOMMU (BlkOptions::iommu)"))?;
+        let (start, len, uaddr) = self
+            .ram
+            .iova_region(iova)
+            .filter(|&(s, l, _)| iova.checked_add(size).is_some_and(|end| end <= s + l))
+            .ok_or(RamError::Outside { gpa: GuestPhysAddr::new(iova), len: size })?;
+        let _ = len;
+        Ok(sender.update_with(iova, size, uaddr + (iova - start), perm)?)
+    }
+
+    /// vIOMMU: takes `[iova, iova + size)` back. When this returns the backend no longer uses
+    /// it, and no I/O of its is in flight into it.
+    pub fn iotlb_invalidate(&self, iova: u64, size: u64) -> Result<(), BlkError> {
+        let sender = self.iotlb.as_ref().ok_or(BlkError::Missing("the vIOMMU (BlkOptions::iommu)"))?;
+        Ok(sender.invalidate(iova, size)?)
+    }
+
+    /// vIOMMU: takes every IOVA back (one invalidation of all of guest RAM, whose reply is
+    /// timed) and, in [`IommuMode::Premapped`], maps guest RAM again; on demand, the backend's
+    /// misses bring the pages back. Returns the invalidation's reply latency.
+    pub fn iotlb_churn(&self) -> Result<Duration, BlkError> {
+        let sender = self.iotlb.as_ref().ok_or(BlkError::Missing("the vIOMMU (BlkOptions::iommu)"))?;
+        let files = self.ram.files();
+        let lo = files.iter().map(|f| self.ram.dma(f.0)).min().unwrap_or(0);
+        let hi = files.iter().map(|f| self.ram.dma(f.0) + f.1).max().unwrap_or(0);
+        let t = Instant::now();
+        sender.invalidate(lo, hi - lo)?;
+        let took = t.elapsed();
+        if self.iommu == Some(IommuMode::Premapped) {
+            for &(gpa, size, _) in &files {
+                sender.update(self.ram.dma(gpa), size, self.ram.user_addr(gpa)?)?;
+            }
+        }
+        Ok(took)
+    }
+
+    /// vIOMMU: how many IOTLB misses the backend sent (and were answered).
+    pub fn iotlb_misses(&self) -> u64 {
+        self.misses_before + self.responder.as_ref().map_or(0, MissResponder::misses)
     }
 
     /// Connects again to a backend at `socket` (a restarted one, after the old one died) and

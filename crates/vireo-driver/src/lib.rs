@@ -10,11 +10,13 @@
 #![warn(missing_docs)]
 
 pub mod blk;
+pub mod iommu;
 pub mod pattern;
 mod ram;
 mod virtq;
 
 pub use blk::{BlkDevice, BlkError, BlkOptions, Completion};
+pub use iommu::IommuMode;
 pub use pattern::{pattern, XorShift};
 pub use ram::{GuestRam, RamError};
 pub use virtq::{desc_bytes, Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};

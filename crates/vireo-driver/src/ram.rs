@@ -43,6 +43,9 @@ pub struct GuestRam {
     regions: Vec<Region>,
     next: u64,
     alloc_region: usize,
+    /// What the device sees a guest physical address as: behind the driver's vIOMMU, IOVA =
+    /// GPA + this offset; 0 without one.
+    dma_offset: u64,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -77,7 +80,7 @@ impl GuestRam {
             regions.push(Region { gpa, size, fd, map });
         }
         let next = regions.first().map_or(0, |r| r.gpa);
-        Ok(Self { regions, next, alloc_region: 0 })
+        Ok(Self { regions, next, alloc_region: 0, dma_offset: 0 })
     }
 
     /// One region of `size` bytes at guest physical address 0.
@@ -98,6 +101,30 @@ impl GuestRam {
                 fd_offset: 0,
             })
             .collect()
+    }
+
+    /// The address the device is given for `gpa`: the GPA itself, or its IOVA behind the
+    /// driver's vIOMMU.
+    pub fn dma(&self, gpa: GuestPhysAddr) -> u64 {
+        gpa.raw().wrapping_add(self.dma_offset)
+    }
+
+    /// Puts every address the device is given at `offset` above its guest physical address
+    /// (the driver acting as a vIOMMU with a fixed IOVA layout).
+    pub fn set_dma_offset(&mut self, offset: u64) {
+        self.dma_offset = offset;
+    }
+
+    /// Whether the device is given IOVAs (a DMA offset is set).
+    pub fn behind_iommu(&self) -> bool {
+        self.dma_offset != 0
+    }
+
+    /// The region holding the IOVA `iova` (behind the vIOMMU): its IOVA, size and user address.
+    pub fn iova_region(&self, iova: u64) -> Option<(u64, u64, u64)> {
+        let gpa = iova.checked_sub(self.dma_offset)?;
+        let r = self.regions.iter().find(|r| r.gpa <= gpa && gpa < r.gpa + r.size)?;
+        Some((r.gpa + self.dma_offset, r.size, r.map.as_ptr() as u64))
     }
 
     /// The driver's own address of guest address `gpa` (vhost-user's "user address", which

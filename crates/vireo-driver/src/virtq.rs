@@ -168,7 +168,7 @@ impl SplitDriver {
             } else {
                 0
             };
-            ram.write(at(self.desc, 16 * u64::from(idx[i])), &desc_bytes(b.gpa.raw(), b.len, flags, next))?;
+            ram.write(at(self.desc, 16 * u64::from(idx[i])), &desc_bytes(ram.dma(b.gpa), b.len, flags, next))?;
         }
         let head = idx[0];
         self.in_flight[usize::from(head)] = Some(idx);
@@ -200,9 +200,9 @@ impl SplitDriver {
             } else {
                 0
             };
-            ram.write(at(table, 16 * i as u64), &desc_bytes(b.gpa.raw(), b.len, flags, next))?;
+            ram.write(at(table, 16 * i as u64), &desc_bytes(ram.dma(b.gpa), b.len, flags, next))?;
         }
-        ram.write(at(self.desc, 16 * u64::from(head)), &desc_bytes(table.raw(), 16 * n, F_INDIRECT, 0))?;
+        ram.write(at(self.desc, 16 * u64::from(head)), &desc_bytes(ram.dma(table), 16 * n, F_INDIRECT, 0))?;
         self.in_flight[usize::from(head)] = Some(vec![head]);
         self.push_avail(ram, head)?;
         Ok(head)
@@ -396,7 +396,7 @@ impl PackedDriver {
             if i + 1 < bufs.len() {
                 flags |= F_NEXT;
             }
-            self.put(ram, b.gpa.raw(), b.len, id, flags, i == 0)?;
+            self.put(ram, ram.dma(b.gpa), b.len, id, flags, i == 0)?;
         }
         self.free_slots -= n;
         self.id_descs[usize::from(id)] = n;
@@ -423,9 +423,9 @@ impl PackedDriver {
         };
         for (i, b) in bufs.iter().enumerate() {
             let flags = if b.writable { F_WRITE } else { 0 };
-            ram.write(at(table, 16 * i as u64), &desc_bytes(b.gpa.raw(), b.len, 0, flags))?;
+            ram.write(at(table, 16 * i as u64), &desc_bytes(ram.dma(b.gpa), b.len, 0, flags))?;
         }
-        self.put(ram, table.raw(), 16 * n, id, F_INDIRECT, true)?;
+        self.put(ram, ram.dma(table), 16 * n, id, F_INDIRECT, true)?;
         self.free_slots -= 1;
         self.id_descs[usize::from(id)] = 1;
         Ok(id)

@@ -57,7 +57,28 @@ pub enum MemoryError {
     /// An atomic access at an address that is not aligned for its width.
     #[error("atomic access of {width} bytes at offset {offset:#x} is misaligned")]
     Misaligned { offset: usize, width: usize },
+    /// No IOTLB entry covers an IOVA: the frontend must be asked (a miss). Not the guest's
+    /// fault: the access is retried once the frontend has sent the entry.
+    #[error("IOTLB miss at IOVA {iova:#x} ({perm:?} access)")]
+    IotlbMiss { iova: u64, perm: crate::iotlb::Perm },
+    /// An IOTLB entry covers the IOVA but not for this access.
+    #[error("IOTLB denies {need:?} access at IOVA {iova:#x} (entry allows {have:?})")]
+    IotlbDenied { iova: u64, need: crate::iotlb::Perm, have: crate::iotlb::Perm },
+    /// An IOTLB update that is empty or wraps an address space.
+    #[error("IOTLB entry at IOVA {iova:#x}, size {size:#x}, user address {uaddr:#x} is empty or wraps")]
+    BadIotlbEntry { iova: u64, size: u64, uaddr: u64 },
+    /// An IOTLB message while the device is not behind a vIOMMU (VIRTIO_F_ACCESS_PLATFORM not
+    /// negotiated).
+    #[error("IOTLB message without VIRTIO_F_ACCESS_PLATFORM")]
+    IotlbDisabled,
     /// A guest physical page beyond the end of the dirty log.
     #[error("guest page {page:#x} is beyond the dirty log of {log_bytes} bytes")]
     BeyondLog { page: u64, log_bytes: u64 },
+}
+
+impl MemoryError {
+    /// Whether this is an IOTLB miss (the access can succeed once the frontend answers).
+    pub fn is_iotlb_miss(&self) -> bool {
+        matches!(self, MemoryError::IotlbMiss { .. })
+    }
 }

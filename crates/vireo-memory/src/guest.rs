@@ -17,16 +17,19 @@ use crate::access::GuestSlice;
 use crate::addr::GuestPhysAddr;
 use crate::dirty::{DirtyLog, LogCache};
 use crate::error::MemoryError;
+use crate::iotlb::{edit, IotlbEntry, IotlbFault, IotlbTable, Perm, MAX_IOTLB_ENTRIES};
 use crate::map::{MemoryMap, Region, RegionSpec, MAX_REGIONS};
 use crate::mmap::RetireMode;
 use crate::protocol::{Domain, Gate, RegionTag, MAX_CACHED};
 use crate::sync::Arc;
 
 /// Region slots: a memory table may be replaced while the old one still holds its slots, so
-/// twice the map's maximum, plus two slots that dirty logs alternate between.
+/// twice the map's maximum, plus two slots that dirty logs alternate between and two that IOTLB
+/// generations alternate between.
 const REGION_SLOTS: usize = 2 * MAX_REGIONS;
 const LOG_SLOTS: [usize; 2] = [REGION_SLOTS, REGION_SLOTS + 1];
-const NUM_SLOTS: usize = REGION_SLOTS + 2;
+const IOTLB_SLOTS: [usize; 2] = [REGION_SLOTS + 2, REGION_SLOTS + 3];
+const NUM_SLOTS: usize = REGION_SLOTS + 4;
 
 /// Ids start at 1: 0 means "no region" in a gate's cache.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -57,6 +60,11 @@ struct Shared {
     log_gen: AtomicU64,
     /// VHOST_F_LOG_ALL: read by every batch after it enters.
     logging: AtomicBool,
+    /// The IOTLB in force when the device sits behind a vIOMMU (`None`: addresses are guest
+    /// physical), under the same rules as `current`.
+    iotlb: StdMutex<Option<StdArc<IotlbTable>>>,
+    /// Moves on every IOTLB publication (updates too: queues parked on a miss watch it).
+    iotlb_gen: AtomicU64,
     /// How long the last invalidation took from start to end, in nanoseconds (the part of a
     /// frontend's reply latency that the protocol adds; benchmarks report it).
     last_invalidation_ns: AtomicU64,
@@ -95,6 +103,8 @@ impl GuestMemory {
                 log: StdMutex::new(None),
                 log_gen: AtomicU64::new(0),
                 logging: AtomicBool::new(false),
+                iotlb: StdMutex::new(None),
+                iotlb_gen: AtomicU64::new(0),
                 last_invalidation_ns: AtomicU64::new(0),
                 last_quiesce_ns: AtomicU64::new(0),
             }),
@@ -305,6 +315,101 @@ impl GuestMemory {
         self.shared.logging.load(SeqCst)
     }
 
+    /// Turns address translation through an IOTLB on (VIRTIO_F_ACCESS_PLATFORM negotiated: the
+    /// driver's addresses are IOVAs from now on) or off. Switching on starts with an empty IOTLB
+    /// and waits for every batch in progress, whose cached rings were translated as guest
+    /// physical addresses; switching off retires the IOTLB like an invalidation of everything.
+    pub fn set_iotlb_enabled(&self, on: bool) {
+        let _w = lock(&self.shared.writer);
+        let old = lock(&self.shared.iotlb).clone();
+        match (on, old) {
+            (true, None) => {
+                let tag = StdArc::new(RegionTag::new(next_id(), IOTLB_SLOTS[0]));
+                self.publish_iotlb(Some(StdArc::new(IotlbTable::new(Vec::new(), tag))));
+                self.shared.domain.quiesce_all_caches();
+            }
+            (false, Some(old)) => {
+                let started = std::time::Instant::now();
+                let invalidation = self.shared.domain.invalidate_start(&[&old.tag], || self.publish_iotlb(None));
+                self.note_quiesce(started);
+                invalidation.end();
+                self.note_invalidation(started);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether translation goes through the IOTLB.
+    pub fn iotlb_enabled(&self) -> bool {
+        lock(&self.shared.iotlb).is_some()
+    }
+
+    /// The IOTLB in force (tests look at it).
+    pub fn iotlb(&self) -> Option<StdArc<IotlbTable>> {
+        lock(&self.shared.iotlb).clone()
+    }
+
+    /// Moves on every IOTLB change: a queue parked on a miss retries when it has moved.
+    pub fn iotlb_generation(&self) -> u64 {
+        self.shared.iotlb_gen.load(Acquire)
+    }
+
+    fn publish_iotlb(&self, table: Option<StdArc<IotlbTable>>) {
+        *lock(&self.shared.iotlb) = table;
+        // Release: pairs with the Acquire in `QueueMemory::batch`.
+        self.shared.iotlb_gen.fetch_add(1, Release);
+    }
+
+    /// IOTLB update: `entry` becomes usable. Adding to what is there needs no quiesce (nothing a
+    /// reader holds is wrong); an entry that overlaps others replaces them, which retires them
+    /// first like an invalidation; a full table is dropped first (misses refill it).
+    pub fn iotlb_update(&self, entry: IotlbEntry) -> Result<(), MemoryError> {
+        if !entry.is_valid() {
+            return Err(MemoryError::BadIotlbEntry { iova: entry.iova, size: entry.size, uaddr: entry.uaddr });
+        }
+        let _w = lock(&self.shared.writer);
+        let old = lock(&self.shared.iotlb).clone().ok_or(MemoryError::IotlbDisabled)?;
+        if edit::contains_exactly(old.entries(), &entry) {
+            return Ok(());
+        }
+        if edit::overlaps(old.entries(), &entry) {
+            let (kept, _) = edit::remove_range(old.entries(), entry.iova, entry.size);
+            self.iotlb_retire(&old, edit::insert(&kept, entry));
+        } else if old.entries().len() >= MAX_IOTLB_ENTRIES {
+            tracing::debug!(entries = old.entries().len(), "IOTLB full: dropped");
+            self.iotlb_retire(&old, vec![entry]);
+        } else {
+            let table = IotlbTable::new(edit::insert(old.entries(), entry), old.tag.clone());
+            self.publish_iotlb(Some(StdArc::new(table)));
+        }
+        Ok(())
+    }
+
+    /// IOTLB invalidate: `[iova, iova + size)` is taken back. When this returns no thread, and no
+    /// I/O in flight, uses a translation through it. A range that holds no entry costs nothing.
+    pub fn iotlb_invalidate(&self, iova: u64, size: u64) -> Result<(), MemoryError> {
+        let _w = lock(&self.shared.writer);
+        let old = lock(&self.shared.iotlb).clone().ok_or(MemoryError::IotlbDisabled)?;
+        let (kept, removed) = edit::remove_range(old.entries(), iova, size);
+        if removed {
+            self.iotlb_retire(&old, kept);
+        }
+        Ok(())
+    }
+
+    /// Publishes `entries` under a new generation and retires `old`'s: every cache filled through
+    /// it is cleared and every batch and I/O pin on it waited for.
+    fn iotlb_retire(&self, old: &IotlbTable, entries: Vec<IotlbEntry>) {
+        let slot = if old.tag.slot == IOTLB_SLOTS[0] { IOTLB_SLOTS[1] } else { IOTLB_SLOTS[0] };
+        let table = IotlbTable::new(entries, StdArc::new(RegionTag::new(next_id(), slot)));
+        let started = std::time::Instant::now();
+        let invalidation =
+            self.shared.domain.invalidate_start(&[&old.tag], || self.publish_iotlb(Some(StdArc::new(table))));
+        self.note_quiesce(started);
+        invalidation.end();
+        self.note_invalidation(started);
+    }
+
     /// A reader for one queue.
     pub fn register_queue(&self) -> QueueMemory {
         let gate = self.shared.domain.register();
@@ -315,6 +420,8 @@ impl GuestMemory {
             map_gen: u64::MAX,
             log: None,
             log_gen: u64::MAX,
+            iotlb: None,
+            iotlb_gen: u64::MAX,
             cache: LocalCache::default(),
             log_cache: LogCache::new(),
             force_translating: false,
@@ -365,6 +472,8 @@ pub struct QueueMemory {
     map_gen: u64,
     log: Option<StdArc<DirtyLog>>,
     log_gen: u64,
+    iotlb: Option<StdArc<IotlbTable>>,
+    iotlb_gen: u64,
     cache: LocalCache,
     log_cache: LogCache,
     force_translating: bool,
@@ -393,10 +502,23 @@ impl QueueMemory {
         }
     }
 
-    /// Begins a batch. `ranges` (at most [`MAX_CACHED`]) are the guest ranges the caller wants
-    /// direct pointers to; [`Batch::cached`] has them when the cache is valid and could be (re)filled.
+    /// Moves on every IOTLB change (see [`GuestMemory::iotlb_generation`]).
+    pub fn iotlb_generation(&self) -> u64 {
+        self.shared.iotlb_gen.load(Acquire)
+    }
+
+    /// Begins a batch. `ranges` (at most [`MAX_CACHED`], one fewer behind a vIOMMU) are the
+    /// guest ranges the caller wants direct pointers to, for reading and writing;
+    /// [`Batch::cached`] has them when the cache is valid and could be (re)filled.
     #[inline]
     pub fn batch(&mut self, ranges: &[CachedRange]) -> Batch<'_> {
+        self.batch_for(ranges, &[Perm::RW; MAX_CACHED])
+    }
+
+    /// [`QueueMemory::batch`] with the access each range needs (`perms[i]` for `ranges[i]`),
+    /// which an IOTLB checks.
+    #[inline]
+    pub fn batch_for(&mut self, ranges: &[CachedRange], perms: &[Perm; MAX_CACHED]) -> Batch<'_> {
         let cache_valid = self.gate.enter();
         // Acquire: pairs with the Release in `publish_map`.
         let gen = self.shared.map_gen.load(Acquire);
@@ -410,10 +532,15 @@ impl QueueMemory {
         } else {
             None
         };
+        // Acquire: pairs with the Release in `publish_iotlb`.
+        let iotlb_gen = self.shared.iotlb_gen.load(Acquire);
+        let iotlb_on = iotlb_gen != self.iotlb_gen || self.iotlb.is_some();
+        let iotlb_slot =
+            if iotlb_on { pin_iotlb(&self.gate, &self.shared, &mut self.iotlb, &mut self.iotlb_gen) } else { None };
         let cache_hit = !self.force_translating
             && !ranges.is_empty()
-            && ranges.len() <= MAX_CACHED
-            && self.use_or_fill_cache(cache_valid, ranges);
+            && ranges.len() + usize::from(self.iotlb.is_some()) <= MAX_CACHED
+            && self.use_or_fill_cache(cache_valid, ranges, perms);
         Batch {
             gate: &self.gate,
             shared: &self.shared,
@@ -424,11 +551,13 @@ impl QueueMemory {
             log,
             log_cache: RefCell::new(&mut self.log_cache),
             cache: &self.cache,
+            iotlb: self.iotlb.as_deref(),
+            iotlb_slot,
         }
     }
 
     #[inline]
-    fn use_or_fill_cache(&mut self, cache_valid: bool, ranges: &[CachedRange]) -> bool {
+    fn use_or_fill_cache(&mut self, cache_valid: bool, ranges: &[CachedRange], perms: &[Perm; MAX_CACHED]) -> bool {
         let c = &self.cache;
         let same =
             c.count == ranges.len() && ranges.iter().zip(c.ranges.iter()).all(|(a, b)| a.0.raw() == b.0 && a.1 == b.1);
@@ -439,11 +568,11 @@ impl QueueMemory {
             // The ranges changed under a valid cache: clear it before rewriting its ids.
             self.gate.drop_cache();
         }
-        self.fill(ranges).is_some()
+        self.fill(ranges, perms).is_some()
     }
 
     #[cold]
-    fn fill(&mut self, ranges: &[CachedRange]) -> Option<()> {
+    fn fill(&mut self, ranges: &[CachedRange], perms: &[Perm; MAX_CACHED]) -> Option<()> {
         let seq = self.shared.domain.read_begin()?;
         // Translate with a map taken *after* read_begin (the interval notifier's order: begin,
         // then walk, then retry). The map this batch loaded on entry may predate an invalidation
@@ -461,7 +590,18 @@ impl QueueMemory {
             if len == 0 {
                 return None;
             }
-            let t = self.map.translate(gpa)?;
+            let t = match &self.iotlb {
+                None => self.map.translate(gpa)?,
+                Some(tlb) => {
+                    // The IOTLB snapshot is the one this batch pinned: its generation cannot be
+                    // retired under us, and the cache records it below.
+                    let (uaddr, avail) = tlb.translate(gpa.raw(), len, perms[i]).ok()?;
+                    if avail < len {
+                        return None;
+                    }
+                    self.map.translate_user(crate::addr::UserAddr::new(uaddr))?
+                }
+            };
             if t.avail < len {
                 // The range spans two regions: no single pointer; the translating path serves it.
                 return None;
@@ -469,7 +609,12 @@ impl QueueMemory {
             ids[i] = self.map.region(t.index).id();
             views[i] = (t.host, usize::try_from(len).ok()?);
         }
-        if !self.gate.publish_cache(&self.shared.domain, seq, &ids[..ranges.len()]) {
+        let mut n = ranges.len();
+        if let Some(tlb) = &self.iotlb {
+            ids[n] = tlb.generation_id();
+            n += 1;
+        }
+        if !self.gate.publish_cache(&self.shared.domain, seq, &ids[..n]) {
             return None;
         }
         let c = &mut self.cache;
@@ -505,13 +650,56 @@ fn pin_log(
     None
 }
 
-/// A region this batch has translated into (and pinned).
+/// Pins the IOTLB generation in force for a batch; returns its slot, or `None` when translation
+/// does not go through an IOTLB (any more).
+fn pin_iotlb(
+    gate: &Gate,
+    shared: &Shared,
+    iotlb: &mut Option<StdArc<IotlbTable>>,
+    iotlb_gen: &mut u64,
+) -> Option<usize> {
+    loop {
+        let gen = shared.iotlb_gen.load(Acquire);
+        if gen != *iotlb_gen {
+            *iotlb = lock(&shared.iotlb).clone();
+            *iotlb_gen = gen;
+        }
+        let t = iotlb.as_ref()?;
+        if gate.pin(&t.tag) {
+            return Some(t.tag.slot);
+        }
+        // Being retired: its successor was published before the retiring flag was set, so the
+        // next round finds it. Invalidations come one at a time from the control thread; each
+        // round sees a newer generation.
+        *iotlb_gen = u64::MAX;
+    }
+}
+
+/// A region this batch has translated into (and pinned), as a linear range of the addresses
+/// the driver uses (guest physical, or IOVAs behind an IOTLB) with the rights it allows.
 #[derive(Debug, Clone, Copy)]
 struct LastRegion {
     gpa: u64,
     len: u64,
     host: usize,
-    slot: usize,
+    /// The guest physical address `gpa` stands for (the same without an IOTLB).
+    phys: u64,
+    /// Slots are below NUM_SLOTS, which fits u16.
+    slot: u16,
+    perm: Perm,
+}
+
+/// A translated piece of guest memory: where it is in the host, the guest physical address it
+/// starts at (what the dirty log records; the driver's address itself unless behind an IOTLB),
+/// and the protocol slot that holds it (what an I/O pins).
+#[derive(Debug)]
+pub struct Piece<'b> {
+    /// The host view.
+    pub slice: GuestSlice<'b>,
+    /// Guest physical address of its first byte.
+    pub phys: GuestPhysAddr,
+    /// The region's protocol slot.
+    pub slot: u16,
 }
 
 /// The slots a batch has pinned. A batch usually touches one or two regions, so they live
@@ -559,9 +747,39 @@ pub struct Batch<'q> {
     log: Option<StdArc<DirtyLog>>,
     log_cache: RefCell<&'q mut LogCache>,
     cache: &'q LocalCache,
+    /// The IOTLB snapshot this batch translates through, its generation pinned in `iotlb_slot`.
+    iotlb: Option<&'q IotlbTable>,
+    iotlb_slot: Option<usize>,
+}
+
+/// A protocol slot as the u16 that pieces and pin lists carry (slots are below NUM_SLOTS).
+fn slot16(slot: usize) -> u16 {
+    u16::try_from(slot).unwrap_or(u16::MAX)
+}
+
+fn iotlb_error(f: IotlbFault, perm: Perm) -> MemoryError {
+    match f {
+        IotlbFault::Miss { iova } => MemoryError::IotlbMiss { iova, perm },
+        IotlbFault::Denied { iova, have } => MemoryError::IotlbDenied { iova, need: perm, have },
+    }
 }
 
 impl<'q> Batch<'q> {
+    /// Whether addresses go through an IOTLB in this batch.
+    pub fn iotlb_enabled(&self) -> bool {
+        self.iotlb.is_some()
+    }
+
+    /// Behind an IOTLB: checks that `[addr, addr + len)` is fully covered with `perm`, so that a
+    /// miss is found before anything is done (rings are checked this way at the start of a
+    /// batch). Always `Ok` for guest physical addresses.
+    pub fn check_access(&self, addr: GuestPhysAddr, len: u64, perm: Perm) -> Result<(), MemoryError> {
+        match self.iotlb {
+            Some(t) => t.check(addr.raw(), len, perm).map_err(|f| iotlb_error(f, perm)),
+            None => Ok(()),
+        }
+    }
+
     /// The cached direct views of the ranges passed to [`QueueMemory::batch`], in that order (the
     /// entries past them are empty), or `None` when this batch must use the translating path.
     #[inline]
@@ -599,22 +817,35 @@ impl<'q> Batch<'q> {
         true
     }
 
-    /// Translates `len` bytes at `gpa`, which must lie in one region, and pins that region for the
-    /// rest of the batch.
+    /// Translates `len` bytes at `gpa` for the access `perm` (checked behind an IOTLB), which
+    /// must lie in one region, and pins that region for the rest of the batch.
     #[inline(always)]
-    pub fn translate(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
-        if let Some(s) = self.translate_last(gpa, len, false) {
-            return Ok(s);
+    pub fn translate(&self, gpa: GuestPhysAddr, len: u64, perm: Perm) -> Result<GuestSlice<'_>, MemoryError> {
+        self.translate_piece(gpa, len, perm, false).map(|p| p.slice)
+    }
+
+    /// [`Batch::translate`] (or, with `prefix`, [`Batch::translate_prefix`]) that also says
+    /// which guest physical address and which slot the piece is in.
+    #[inline(always)]
+    pub fn translate_piece(
+        &self,
+        addr: GuestPhysAddr,
+        len: u64,
+        perm: Perm,
+        prefix: bool,
+    ) -> Result<Piece<'_>, MemoryError> {
+        if let Some(p) = self.translate_last(addr, len, perm, prefix) {
+            return Ok(p);
         }
-        self.translate_inner(gpa, len, false).map(|(s, _)| s)
+        self.translate_inner(addr, len, perm, prefix)
     }
 
     /// The fast path: `gpa` in the region this batch translated into last.
     #[inline(always)]
-    fn translate_last(&self, gpa: GuestPhysAddr, len: u64, prefix: bool) -> Option<GuestSlice<'_>> {
+    fn translate_last(&self, gpa: GuestPhysAddr, len: u64, perm: Perm, prefix: bool) -> Option<Piece<'_>> {
         let last = self.last.get()?;
         let off = gpa.raw().wrapping_sub(last.gpa);
-        if off >= last.len {
+        if off >= last.len || !last.perm.allows(perm) {
             return None;
         }
         let avail = last.len - off;
@@ -629,44 +860,87 @@ impl<'q> Batch<'q> {
         // SAFETY: `last` describes a region this batch pinned (it is only set after a successful
         // pin, and cleared when the batch changes maps), so it stays mapped until the batch ends;
         // `off + take <= last.len`; the slice borrows the batch.
-        Some(unsafe { GuestSlice::new(ptr, usize::try_from(take).ok()?) })
+        let slice = unsafe { GuestSlice::new(ptr, usize::try_from(take).ok()?) };
+        // Slots are below NUM_SLOTS, which fits u16.
+        Some(Piece { slice, phys: GuestPhysAddr::new(last.phys + off), slot: last.slot })
     }
 
     /// Like [`Batch::translate`], but a range that spans regions yields its first part only; the
     /// length of what was translated is the slice's length.
     #[inline]
-    pub fn translate_prefix(&self, gpa: GuestPhysAddr, len: u64) -> Result<GuestSlice<'_>, MemoryError> {
-        if let Some(s) = self.translate_last(gpa, len, true) {
-            return Ok(s);
+    pub fn translate_prefix(&self, gpa: GuestPhysAddr, len: u64, perm: Perm) -> Result<GuestSlice<'_>, MemoryError> {
+        self.translate_piece(gpa, len, perm, true).map(|p| p.slice)
+    }
+
+    /// Where `addr` lands in `map`: the translation, and the linear range around it that
+    /// `translate_last` may reuse.
+    fn locate(
+        &self,
+        map: &MemoryMap,
+        addr: GuestPhysAddr,
+        len: u64,
+        perm: Perm,
+    ) -> Result<(crate::map::Translation, LastRegion), MemoryError> {
+        let unmapped = || MemoryError::Unmapped { gpa: addr, len };
+        match self.iotlb {
+            None => {
+                let t = map.translate(addr).ok_or_else(unmapped)?;
+                let r = map.region(t.index);
+                let last = LastRegion {
+                    gpa: r.gpa().raw(),
+                    len: r.size(),
+                    host: r.mapping.as_ptr() as usize,
+                    phys: r.gpa().raw(),
+                    slot: slot16(r.slot()),
+                    perm: Perm::RW,
+                };
+                Ok((t, last))
+            }
+            Some(tlb) => {
+                let e = *tlb.entry(addr.raw(), perm).map_err(|f| iotlb_error(f, perm))?;
+                let (uaddr, iavail) = tlb.translate(addr.raw(), len, perm).map_err(|f| iotlb_error(f, perm))?;
+                let mut t = map.translate_user(crate::addr::UserAddr::new(uaddr)).ok_or_else(unmapped)?;
+                t.avail = t.avail.min(iavail);
+                // The part of the entry inside the region is linear in both spaces.
+                let r = map.region(t.index);
+                let lo = e.uaddr.max(r.user_addr().raw());
+                let hi = (e.uaddr + e.size).min(r.user_addr().raw() + r.size());
+                let host =
+                    r.mapping.as_ptr() as usize + usize::try_from(lo - r.user_addr().raw()).map_err(|_| unmapped())?;
+                let phys = r.gpa().raw() + (lo - r.user_addr().raw());
+                let last = LastRegion {
+                    gpa: e.iova + (lo - e.uaddr),
+                    len: hi - lo,
+                    host,
+                    phys,
+                    slot: slot16(r.slot()),
+                    perm: e.perm,
+                };
+                Ok((t, last))
+            }
         }
-        self.translate_inner(gpa, len, true).map(|(s, _)| s)
     }
 
     fn translate_inner(
         &self,
         gpa: GuestPhysAddr,
         len: u64,
+        perm: Perm,
         prefix: bool,
-    ) -> Result<(GuestSlice<'_>, usize), MemoryError> {
+    ) -> Result<Piece<'_>, MemoryError> {
         // A refused pin means the region is retiring, and its replacement map was published
         // before the refusal (see `Domain::invalidate_start`), so one more look normally
         // succeeds; the bound only stops a frontend that remaps without pause from holding a
         // worker here.
         for _ in 0..64 {
-            let (t, pinned, slot) = {
+            let (t, pinned, last) = {
                 let map = self.map.borrow();
-                let t = map.translate(gpa).ok_or_else(|| MemoryError::Unmapped { gpa, len })?;
+                let (t, last) = self.locate(&map, gpa, len, perm)?;
                 let pinned = self.pin_index(t.index, &map);
-                let r = map.region(t.index);
                 if pinned {
-                    self.last.set(Some(LastRegion {
-                        gpa: r.gpa().raw(),
-                        len: r.size(),
-                        host: r.mapping.as_ptr() as usize,
-                        slot: r.slot(),
-                    }));
+                    self.last.set(Some(last));
                 }
-                (t, pinned, r.slot())
+                (t, pinned, last)
             };
             if !pinned {
                 // Being retired: its replacement (if any) is already published.
@@ -686,7 +960,10 @@ impl<'q> Batch<'q> {
             // SAFETY: the region holding [gpa, gpa+take) is pinned until this batch ends (the
             // invalidator waits for pins to drop before retiring it), `take` bytes fit in it, and
             // the slice borrows the batch, so it cannot outlive the pin.
-            return Ok((unsafe { GuestSlice::new(ptr, n) }, slot));
+            let slice = unsafe { GuestSlice::new(ptr, n) };
+            let phys = GuestPhysAddr::new(last.phys + (gpa.raw() - last.gpa));
+            // Slots are below NUM_SLOTS, which fits u16.
+            return Ok(Piece { slice, phys, slot: last.slot });
         }
         Err(MemoryError::Unmapped { gpa, len })
     }
@@ -697,7 +974,7 @@ impl<'q> Batch<'q> {
         while done < buf.len() {
             let at =
                 gpa.checked_add(done as u64).ok_or_else(|| MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
-            let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
+            let s = self.translate_prefix(at, (buf.len() - done) as u64, Perm::READ)?;
             s.copy_to(0, &mut buf[done..done + s.len()])?;
             done += s.len();
         }
@@ -711,7 +988,7 @@ impl<'q> Batch<'q> {
         while done < buf.len() {
             let at =
                 gpa.checked_add(done as u64).ok_or_else(|| MemoryError::Unmapped { gpa, len: buf.len() as u64 })?;
-            let s = self.translate_prefix(at, (buf.len() - done) as u64)?;
+            let s = self.translate_prefix(at, (buf.len() - done) as u64, Perm::WRITE)?;
             s.copy_from(0, &buf[done..done + s.len()])?;
             done += s.len();
         }
@@ -724,13 +1001,36 @@ impl<'q> Batch<'q> {
         self.log.is_some()
     }
 
-    /// Records that the device wrote `len` bytes at `gpa` (no-op when logging is off). Call after
-    /// the write and before [`Batch::flush_log`] / publishing the used index.
+    /// Records that the device wrote `len` bytes at guest physical address `gpa` (no-op when
+    /// logging is off). Call after the write and before [`Batch::flush_log`] / publishing the
+    /// used index. Behind an IOTLB, take the address from [`Piece::phys`] or use
+    /// [`Batch::log_write_addr`].
     pub fn log_write(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
         match &self.log {
             Some(log) => self.log_cache.borrow_mut().add(gpa, len, log),
             None => Ok(()),
         }
+    }
+
+    /// [`Batch::log_write`] for a range of the driver's addresses: behind an IOTLB an IOVA range,
+    /// taken through the batch's IOTLB and the memory map to the guest physical pages it stands
+    /// for (a ring's, which the batch has checked or cached).
+    pub fn log_write_addr(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let Some(tlb) = self.iotlb else { return self.log_cache.borrow_mut().add(gpa, len, log) };
+        let map = self.map.borrow();
+        let mut done = 0u64;
+        while done < len {
+            let at = gpa.raw().checked_add(done).ok_or(MemoryError::Unmapped { gpa, len })?;
+            let (uaddr, n) = tlb.translate(at, len - done, Perm::NONE).map_err(|f| iotlb_error(f, Perm::WRITE))?;
+            let t = map.translate_user(crate::addr::UserAddr::new(uaddr)).ok_or(MemoryError::Unmapped { gpa, len })?;
+            let r = map.region(t.index);
+            let page_gpa = GuestPhysAddr::new(r.gpa().raw() + (uaddr - r.user_addr().raw()));
+            let n = n.min(t.avail);
+            self.log_cache.borrow_mut().add(page_gpa, n, log)?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Sets every logged bit in the dirty log. Call before publishing a used index.
@@ -744,30 +1044,39 @@ impl<'q> Batch<'q> {
     /// A pin for an I/O that goes on after the batch (an io_uring read into a guest buffer): the
     /// region holding `gpa` is not retired until the pin is dropped. The batch must already hold
     /// the region pinned (any translation of `gpa` in this batch did that).
+    ///
+    /// Behind an IOTLB the pin also holds the IOTLB generation: an invalidation of the IOVA
+    /// waits for the I/O too.
     pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
         let slot = match self.last.get() {
-            Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => l.slot,
-            _ => self.translate_inner(gpa, 1, false)?.1,
+            Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => usize::from(l.slot),
+            _ => usize::from(self.translate_inner(gpa, 1, Perm::NONE, false)?.slot),
         };
         self.gate.pin_again(slot);
-        Ok(IoPin { gate: self.gate.clone(), slot })
+        if let Some(s) = self.iotlb_slot {
+            self.gate.pin_again(s);
+        }
+        Ok(IoPin { gate: self.gate.clone(), slot, iotlb_slot: self.iotlb_slot })
     }
 
-    /// [`Batch::io_pin`] for every address of `gpas`, one pin per distinct region (a request's
-    /// buffers are usually all in one region), appended to `out`.
-    pub fn io_pins(&self, gpas: impl Iterator<Item = GuestPhysAddr>, out: &mut Vec<IoPin>) -> Result<(), MemoryError> {
-        for gpa in gpas {
-            let slot = match self.last.get() {
-                Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => l.slot,
-                _ => self.translate_inner(gpa, 1, false)?.1,
-            };
-            if out.iter().any(|p| p.slot == slot) {
-                continue;
+    /// I/O pins on the slots of pieces this batch translated ([`Piece::slot`]), one per distinct
+    /// slot (a request's buffers are usually all in one region), and one on the IOTLB generation
+    /// behind an IOTLB, appended to `out`.
+    pub fn io_pins(&self, slots: impl Iterator<Item = u16>, out: &mut Vec<IoPin>) {
+        let mut add = |slot: usize| {
+            if !out.iter().any(|p| p.slot == slot) {
+                // The batch holds this slot pinned (it translated into it), so no retiring
+                // check is needed.
+                self.gate.pin_again(slot);
+                out.push(IoPin { gate: self.gate.clone(), slot, iotlb_slot: None });
             }
-            self.gate.pin_again(slot);
-            out.push(IoPin { gate: self.gate.clone(), slot });
+        };
+        if let Some(slot) = self.iotlb_slot {
+            add(slot);
         }
-        Ok(())
+        for slot in slots {
+            add(usize::from(slot));
+        }
     }
 }
 
@@ -782,19 +1091,27 @@ impl Drop for Batch<'_> {
         for slot in self.pinned.borrow().iter() {
             self.gate.unpin(usize::from(slot));
         }
+        if let Some(slot) = self.iotlb_slot {
+            self.gate.unpin(slot);
+        }
         self.gate.leave();
     }
 }
 
-/// An in-flight I/O's hold on a region: the invalidator waits for it.
+/// An in-flight I/O's hold on a region (and, behind an IOTLB, on its generation): the
+/// invalidator waits for it.
 #[derive(Debug)]
 pub struct IoPin {
     gate: Arc<Gate>,
     slot: usize,
+    iotlb_slot: Option<usize>,
 }
 
 impl Drop for IoPin {
     fn drop(&mut self) {
         self.gate.unpin(self.slot);
+        if let Some(slot) = self.iotlb_slot {
+            self.gate.unpin(slot);
+        }
     }
 }

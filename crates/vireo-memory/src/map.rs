@@ -262,6 +262,18 @@ impl MemoryMap {
         Ok(GuestPhysAddr::new(r.gpa.raw() + offset))
     }
 
+    /// Translates a frontend user address (what an IOTLB entry maps to) to a host address, with
+    /// how many bytes follow it in the same region.
+    #[inline]
+    pub fn translate_user(&self, user_addr: UserAddr) -> Option<Translation> {
+        let i = last_at_or_below(&self.user_start, user_addr.raw())?;
+        let index = usize::from(self.user_index[i]);
+        let r = &self.regions[index];
+        let offset = user_addr.offset_from(r.user_addr).filter(|&o| o < r.size)?;
+        let host = self.host[index] + usize::try_from(offset).ok()?;
+        Some(Translation { index, host, avail: r.size - offset })
+    }
+
     /// The index of the region exactly matching a REM_MEM_REG description.
     pub fn position(&self, gpa: GuestPhysAddr, size: u64, user_addr: UserAddr) -> Option<usize> {
         let i = self.find(gpa)?;

@@ -395,6 +395,14 @@ impl Domain {
         }
     }
 
+    /// Invalidator: [`Gate::quiesce`] on every gate: no cached translation of any queue is used
+    /// again, and every batch in progress has ended (the way addresses translate changed).
+    pub fn quiesce_all_caches(&self) {
+        for gate in self.gates() {
+            gate.quiesce();
+        }
+    }
+
     /// The current sequence (tests and diagnostics).
     pub fn seq(&self) -> u64 {
         self.seq.load(Acquire)

@@ -130,7 +130,7 @@ fn worker(mem: GuestMemory, w: u64, stop: Arc<AtomicBool>) -> Result<WorkerRepor
             st.translating_batches += 1;
         }
         st.ring_incs += 1;
-        match batch.translate(buf_gpa, 8) {
+        match batch.translate(buf_gpa, 8, crate::iotlb::Perm::RW) {
             Ok(s) => {
                 let v: u64 = s.read(0)?;
                 s.write(0, v + 1)?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::Backing;
-use vireo_memory::{memfd, GuestMemory, GuestPhysAddr, MemoryError, RegionSpec, RetireMode, UserAddr};
+use vireo_memory::{memfd, GuestMemory, GuestPhysAddr, MemoryError, Perm, RegionSpec, RetireMode, UserAddr};
 
 const MB: u64 = 1 << 20;
 
@@ -48,7 +48,7 @@ fn translating_path_crosses_regions() {
         let mut back = vec![0u8; data.len()];
         batch.read(gpa(MB - 4096), &mut back).unwrap();
         assert_eq!(back, data);
-        assert!(matches!(batch.translate(gpa(MB - 8), 16), Err(MemoryError::Unmapped { .. })));
+        assert!(matches!(batch.translate(gpa(MB - 8), 16, Perm::RW), Err(MemoryError::Unmapped { .. })));
         assert!(matches!(batch.read(gpa(2 * MB - 8), &mut [0u8; 16]), Err(MemoryError::Unmapped { .. })));
     }
     assert_eq!(&a.read_all()[(MB - 4096) as usize..], &data[..4096]);
@@ -173,7 +173,7 @@ fn io_pin_holds_off_retirement() {
     let mut q = mem.register_queue();
     let (pin, ptr) = {
         let batch = q.batch(&[]);
-        let s = batch.translate(gpa(0x3000), 4096).unwrap();
+        let s = batch.translate(gpa(0x3000), 4096, Perm::RW).unwrap();
         (batch.io_pin(gpa(0x3000)).unwrap(), s.as_ptr() as usize)
     };
     let done = Arc::new(AtomicBool::new(false));
@@ -209,7 +209,7 @@ fn invalidation_waits_only_for_queues_that_touch_the_range() {
             let mut q = mem.register_queue();
             let batch = q.batch(&[(gpa(0x1000), 64)]);
             assert!(batch.cached().is_some());
-            batch.translate(gpa(0x8000), 64).unwrap();
+            batch.translate(gpa(0x8000), 64, Perm::RW).unwrap();
             in_batch.wait();
             release.wait();
             drop(batch);
@@ -265,4 +265,110 @@ fn dirty_log_records_writes_while_logging() {
     mem.set_logging(false);
     q.batch(&[]).write(gpa(0xa000), &[3; 8]).unwrap();
     assert!(!log2.is_dirty(10));
+}
+
+mod iotlb {
+    use super::*;
+    use vireo_memory::IotlbEntry;
+
+    const UA: u64 = 0x7f20_0000_0000;
+    const IOVA: u64 = 0x40_0000_0000;
+
+    fn behind_iommu() -> (Backing, GuestMemory) {
+        let a = Backing::new(0, MB, UA);
+        let mem = prot_none();
+        mem.set_regions(&[a.spec()]).unwrap();
+        mem.set_iotlb_enabled(true);
+        (a, mem)
+    }
+
+    fn map(mem: &GuestMemory, iova: u64, size: u64, gpa: u64, perm: Perm) {
+        mem.iotlb_update(IotlbEntry { iova, size, uaddr: UA + gpa, perm }).unwrap();
+    }
+
+    /// IOVAs translate through the IOTLB to the region, page by page and across pages that
+    /// continue each other; a hole is a miss, a missing right a denial; guest physical
+    /// addresses mean nothing any more.
+    #[test]
+    fn translation_goes_through_the_iotlb() {
+        let (a, mem) = behind_iommu();
+        map(&mem, IOVA, 4096, 0x3000, Perm::RW);
+        map(&mem, IOVA + 4096, 4096, 0x4000, Perm::RW);
+        map(&mem, IOVA + 0x10000, 4096, 0x8000, Perm::READ);
+        let mut q = mem.register_queue();
+        let b = q.batch(&[]);
+        b.write(gpa(IOVA + 4000), &[9u8; 200]).unwrap();
+        assert_eq!(&a.read_all()[0x3000 + 4000..0x3000 + 4200], &[9u8; 200][..]);
+        let piece = b.translate_piece(gpa(IOVA + 0x100), 0x1000, Perm::WRITE, false).unwrap();
+        assert_eq!(piece.phys, gpa(0x3100), "the guest physical address behind the IOVA");
+        assert!(matches!(
+            b.translate(gpa(IOVA + 0x2000), 1, Perm::READ),
+            Err(MemoryError::IotlbMiss { iova, perm: Perm::READ }) if iova == IOVA + 0x2000
+        ));
+        assert!(matches!(b.translate(gpa(0x3000), 1, Perm::READ), Err(MemoryError::IotlbMiss { .. })));
+        assert!(b.translate(gpa(IOVA + 0x10000), 8, Perm::READ).is_ok());
+        assert!(matches!(
+            b.translate(gpa(IOVA + 0x10000), 8, Perm::WRITE),
+            Err(MemoryError::IotlbDenied { need: Perm::WRITE, have: Perm::READ, .. })
+        ));
+        assert!(matches!(b.check_access(gpa(IOVA), 0x3000, Perm::READ), Err(MemoryError::IotlbMiss { .. })));
+        assert!(b.check_access(gpa(IOVA), 0x2000, Perm::RW).is_ok());
+    }
+
+    /// The reply to an invalidation is the barrier: it waits for a batch that translated through
+    /// the IOTLB and for an I/O pin taken in it, and afterwards the IOVA misses and a ring cache
+    /// filled through it is gone.
+    #[test]
+    fn invalidation_waits_for_batches_and_io_and_clears_caches() {
+        let (_a, mem) = behind_iommu();
+        map(&mem, IOVA, 0x10000, 0, Perm::RW);
+        let mut q = mem.register_queue();
+        let ring = [(gpa(IOVA + 0x1000), 64)];
+        assert!(q.batch(&ring).cached().is_some(), "a ring inside one entry is cached");
+        let batch = q.batch(&ring);
+        let piece = batch.translate_piece(gpa(IOVA + 0x8000), 512, Perm::WRITE, false).unwrap();
+        let mut pins = Vec::new();
+        batch.io_pins(std::iter::once(piece.slot), &mut pins);
+        assert_eq!(pins.len(), 2, "the region and the IOTLB generation");
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (mem, done) = (mem.clone(), done.clone());
+            std::thread::spawn(move || {
+                mem.iotlb_invalidate(IOVA, 0x10000).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "the invalidation waits for the batch");
+        drop(batch);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "and for the I/O");
+        drop(pins);
+        t.join().unwrap();
+        let b = q.batch(&ring);
+        assert!(b.cached().is_none(), "the cache filled through the old entry is gone");
+        assert!(matches!(b.translate(gpa(IOVA + 0x8000), 1, Perm::READ), Err(MemoryError::IotlbMiss { .. })));
+        drop(b);
+        // An invalidation of a range that holds nothing waits for nothing.
+        let _held = q.batch(&[]);
+        mem.iotlb_invalidate(IOVA, 0x10000).unwrap();
+    }
+
+    /// Writes through IOVAs are logged at the guest physical pages behind them.
+    #[test]
+    fn writes_through_iovas_are_logged_at_their_guest_pages() {
+        let (_a, mem) = behind_iommu();
+        map(&mem, IOVA, 4096, 0x5000, Perm::RW);
+        map(&mem, IOVA + 4096, 4096, 0x9000, Perm::RW);
+        let log = memfd("log", 4096).unwrap();
+        mem.set_dirty_log(log.as_fd(), 0, 4096).unwrap();
+        mem.set_logging(true);
+        let mut q = mem.register_queue();
+        {
+            let b = q.batch(&[]);
+            b.log_write_addr(gpa(IOVA + 4000), 200).unwrap();
+        }
+        let dirty: Vec<u64> = (0..16).filter(|&p| mem.dirty_log().unwrap().is_dirty(p)).collect();
+        assert_eq!(dirty, vec![5, 9]);
+    }
 }

@@ -1,6 +1,6 @@
 //! Descriptor chains as the device sees them: validated, and resolved into host segments.
 
-use vireo_memory::{Batch, GuestPhysAddr, GuestSlice};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, IoPin, Perm, Piece};
 
 use crate::error::QueueError;
 
@@ -38,7 +38,11 @@ pub const MAX_INDIRECT: u32 = 32768;
 pub(crate) struct RawSeg {
     pub host: usize,
     pub len: u32,
+    /// Guest physical address (what the dirty log records; behind an IOTLB not the IOVA the
+    /// descriptor named).
     pub gpa: u64,
+    /// The protocol slot of the region it is in (what an I/O pins).
+    pub slot: u16,
     pub writable: bool,
 }
 
@@ -61,9 +65,9 @@ impl Segments {
 
     /// Makes the chain one already-translated buffer (the fast path's single descriptor).
     #[inline(always)]
-    pub fn set_single(&mut self, host: usize, len: u32, gpa: u64, writable: bool) {
+    pub fn set_single(&mut self, p: &Piece<'_>, len: u32, writable: bool) {
         self.segs.clear();
-        self.segs.push(RawSeg { host, len, gpa, writable });
+        self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
         self.seen_writable = writable;
         (self.readable, self.writable) = if writable { (0, len) } else { (len, 0) };
     }
@@ -86,8 +90,8 @@ impl Segments {
         }
         self.readable.checked_add(self.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
         // The common case: the whole buffer in one region.
-        if let Ok(s) = mem.translate(GuestPhysAddr::new(addr), u64::from(len)) {
-            self.segs.push(RawSeg { host: s.as_ptr() as usize, len, gpa: addr, writable });
+        if let Ok(p) = mem.translate_piece(GuestPhysAddr::new(addr), u64::from(len), access(writable), false) {
+            self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
             return Ok(());
         }
         self.push_split(mem, addr, len, writable)
@@ -105,15 +109,31 @@ impl Segments {
                     vireo_memory::MemoryError::Unmapped { gpa: GuestPhysAddr::new(addr), len: u64::from(len) },
                 )
             })?;
-            let s = mem
-                .translate_prefix(GuestPhysAddr::new(gpa), u64::from(len - done))
+            let p = mem
+                .translate_piece(GuestPhysAddr::new(gpa), u64::from(len - done), access(writable), true)
                 .map_err(|e| QueueError::mem(GuestPhysAddr::new(gpa), u64::from(len - done), e))?;
             // A piece is at most `len - done`, which fits u32.
-            let piece = u32::try_from(s.len()).unwrap_or(u32::MAX);
-            self.segs.push(RawSeg { host: s.as_ptr() as usize, len: piece, gpa, writable });
+            let piece = u32::try_from(p.slice.len()).unwrap_or(u32::MAX);
+            self.segs.push(RawSeg {
+                host: p.slice.as_ptr() as usize,
+                len: piece,
+                gpa: p.phys.raw(),
+                slot: p.slot,
+                writable,
+            });
             done += piece;
         }
         Ok(())
+    }
+}
+
+/// The access a buffer needs: the device writes device-writable buffers and reads the others.
+#[inline(always)]
+pub(crate) fn access(writable: bool) -> Perm {
+    if writable {
+        Perm::WRITE
+    } else {
+        Perm::READ
     }
 }
 
@@ -150,7 +170,8 @@ impl<'c> Chain<'c> {
         self.segs.len()
     }
 
-    /// Segment `i`: its guest address, whether the device may write it, and a view of it.
+    /// Segment `i`: its guest physical address (behind an IOTLB, what the IOVA stands for),
+    /// whether the device may write it, and a view of it.
     pub fn segment(&self, i: usize) -> Option<(GuestPhysAddr, bool, GuestSlice<'c>)> {
         let s = self.segs.get(i)?;
         let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
@@ -175,6 +196,13 @@ impl<'c> Chain<'c> {
     /// or an `IoPin` holds each region.
     pub fn iovecs(&self, out: &mut Vec<(usize, usize)>) {
         out.extend(self.segs.iter().map(|s| (s.host, s.len as usize)));
+    }
+
+    /// I/O pins that keep every region the chain's buffers are in (and, behind an IOTLB, the
+    /// translation) from being retired until they are dropped: for a request that goes on after
+    /// the batch. `mem` is the batch the chain was popped in.
+    pub fn io_pins(&self, mem: &Batch<'_>, out: &mut Vec<IoPin>) {
+        mem.io_pins(self.segs.iter().map(|s| s.slot), out);
     }
 
     /// Logs that the device wrote the first `written` bytes of the writable part (a no-op unless

@@ -4,7 +4,8 @@ use vireo_memory::{GuestPhysAddr, MemoryError};
 
 /// Why a queue refused a configuration or broke.
 ///
-/// Every variant but [`QueueError::Config`] is the guest's doing: the queue is then broken (see
+/// Every variant but [`QueueError::Config`] and an IOTLB miss ([`QueueError::is_iotlb_miss`]) is
+/// the guest's doing: the queue is then broken (see
 /// `SplitQueue::broken`) and the device should report VIRTIO_CONFIG_S_NEEDS_RESET; other queues
 /// are unaffected.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,23 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// Whether this is an IOTLB miss: not the guest's fault, and nothing was consumed; the queue
+    /// is parked until the frontend sends the entry, then the same work is retried.
+    pub fn is_iotlb_miss(&self) -> bool {
+        matches!(self, QueueError::Memory { source, .. } if source.is_iotlb_miss())
+    }
+
+    /// The IOVA and access of an IOTLB miss.
+    pub fn iotlb_miss(&self) -> Option<(u64, vireo_memory::Perm)> {
+        match self {
+            QueueError::Memory { source, .. } => match **source {
+                MemoryError::IotlbMiss { iova, perm } => Some((iova, perm)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     #[cold]
     pub(crate) fn mem(gpa: GuestPhysAddr, len: u64, source: MemoryError) -> Self {
         Self::Memory { gpa, len, source: Box::new(source) }

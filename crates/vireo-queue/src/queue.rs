@@ -3,10 +3,11 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vireo_memory::{Batch, GuestPhysAddr, QueueHandle, QueueMemory};
+use vireo_memory::{Batch, GuestPhysAddr, Perm, QueueHandle, QueueMemory, MAX_CACHED};
 
 use crate::chain::{
-    Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
+    access, Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE,
+    MAX_INDIRECT,
 };
 use crate::error::QueueError;
 use crate::inflight::{Inflight, InflightRegion};
@@ -262,6 +263,19 @@ impl Queue {
         self.inflight.as_ref().map_or(0, |i| i.resubmit.len())
     }
 
+    /// Moves on every IOTLB change: a queue parked on a miss retries once it has moved since
+    /// the value read before the batch that missed.
+    pub fn iotlb_generation(&self) -> u64 {
+        self.mem.iotlb_generation()
+    }
+
+    /// Runs `f` in a memory batch that uses no ring: a queue parked on an IOTLB miss still
+    /// completes the I/O it has in flight (whose pins an invalidation may be waiting for).
+    pub fn with_memory<R>(&mut self, f: impl FnOnce(&Batch<'_>) -> R) -> R {
+        let mb = self.mem.batch(&[]);
+        f(&mb)
+    }
+
     /// Why the queue broke, if it did.
     pub fn broken(&self) -> Option<&QueueError> {
         self.broken.as_deref()
@@ -292,8 +306,26 @@ impl Queue {
         let ranges = self.ranges();
         let layout = self.layout;
         let align = if self.is_packed() { [16, 4, 4] } else { [16, 2, 4] };
-        let mb = self.mem.batch(&ranges);
+        let perms = if self.is_packed() { RING_PERMS_PACKED } else { RING_PERMS_SPLIT };
+        let mb = self.mem.batch_for(&ranges, &perms);
         let direct = mb.cached().and_then(|c| Direct::new([c[0], c[1], c[2]], layout, align));
+        if direct.is_none() && mb.iotlb_enabled() {
+            // Behind an IOTLB, a ring the translating path would find missing halfway through a
+            // batch is found missing here, before anything is consumed (the batch's IOTLB
+            // generation is pinned, so what is checked stays).
+            for (i, &(gpa, len)) in ranges.iter().enumerate() {
+                if let Err(e) = mb.check_access(gpa, len, perms[i]) {
+                    let e = QueueError::mem(gpa, len, e);
+                    if e.is_iotlb_miss() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "virtqueue broken: its rings are not accessible");
+                    let e = Arc::new(e);
+                    self.broken = Some(e.clone());
+                    return Err(QueueError::Broken(e));
+                }
+            }
+        }
         let access = match direct {
             Some(d) => Access::Direct(d),
             None => Access::Translated(Translated { batch: &mb, layout }),
@@ -321,6 +353,11 @@ impl Queue {
         Ok((r, notify))
     }
 }
+
+/// The access the device needs to each ring area: split (descriptor table, available ring,
+/// used ring) and packed (descriptor ring, driver area, device area).
+const RING_PERMS_SPLIT: [Perm; MAX_CACHED] = [Perm::READ, Perm::READ, Perm::WRITE, Perm::NONE];
+const RING_PERMS_PACKED: [Perm; MAX_CACHED] = [Perm::RW, Perm::READ, Perm::WRITE, Perm::NONE];
 
 enum Access<'b, 'q> {
     Direct(Direct<'b>),
@@ -379,7 +416,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     #[cold]
     fn fail(&mut self, e: QueueError) -> QueueError {
-        if let QueueError::Broken(_) = e {
+        if matches!(e, QueueError::Broken(_)) || e.is_iotlb_miss() {
             return e;
         }
         tracing::warn!(error = %e, "virtqueue broken by the driver");
@@ -408,11 +445,17 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// Hands out again a chain a previous backend took and did not complete.
     #[cold]
     fn pop_resubmit(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
-        let head = self.inflight.as_mut().and_then(|i| i.resubmit.pop_front());
+        let head = self.inflight.as_ref().and_then(|i| i.resubmit.front().copied());
         let Some(head) = head else { return Ok(None) };
         let res = with_access!(self, r => walk_split(r, self.mem, self.cfg.size, head, self.segs));
         match res {
-            Ok(()) => Ok(Some(Chain::new(head, 1, self.segs))),
+            Ok(()) => {
+                // Taken off the list only now: after an IOTLB miss the same head is tried again.
+                if let Some(i) = self.inflight.as_mut() {
+                    i.resubmit.pop_front();
+                }
+                Ok(Some(Chain::new(head, 1, self.segs)))
+            }
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -570,12 +613,20 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     #[cold]
     fn log_ring_slow(&self, area: Area, off: usize, len: u64) {
-        let base = match (area, self.cfg.ring_log_addr) {
-            (Area::Device | Area::Desc, Some(log)) => log,
-            _ => self.layout.gpa[area as usize],
+        let res = match (area, self.cfg.ring_log_addr) {
+            // vhost-user's log_guest_addr: a guest physical address.
+            (Area::Device | Area::Desc, Some(log)) => {
+                let gpa = GuestPhysAddr::new(log.raw().wrapping_add(off as u64));
+                self.mem.log_write(gpa, len).map(|()| gpa)
+            }
+            // The ring's own address: an IOVA behind an IOTLB.
+            _ => {
+                let gpa = GuestPhysAddr::new(self.layout.gpa[area as usize].raw().wrapping_add(off as u64));
+                self.mem.log_write_addr(gpa, len).map(|()| gpa)
+            }
         };
-        let gpa = GuestPhysAddr::new(base.raw().wrapping_add(off as u64));
-        if let Err(e) = self.mem.log_write(gpa, len) {
+        if let Err(e) = res {
+            let gpa = self.layout.gpa[area as usize];
             tracing::warn!(error = %e, %gpa, "ring write not logged");
         }
     }
@@ -733,7 +784,7 @@ struct Table<'m, 'q> {
 
 impl<'m, 'q> Table<'m, 'q> {
     fn new(mem: &'m Batch<'q>, addr: u64, len: u32) -> Self {
-        Self { mem, addr, whole: mem.translate(GuestPhysAddr::new(addr), u64::from(len)).ok() }
+        Self { mem, addr, whole: mem.translate(GuestPhysAddr::new(addr), u64::from(len), Perm::READ).ok() }
     }
 
     #[inline(always)]
@@ -752,7 +803,7 @@ impl<'m, 'q> Table<'m, 'q> {
     #[cold]
     fn entry_slow(&self, i: u32) -> Result<Descriptor, QueueError> {
         let gpa = GuestPhysAddr::new(self.addr.wrapping_add(16 * u64::from(i)));
-        let s = self.mem.translate(gpa, 16).map_err(|e| QueueError::mem(gpa, 16, e))?;
+        let s = self.mem.translate(gpa, 16, Perm::READ).map_err(|e| QueueError::mem(gpa, 16, e))?;
         let lo = s.read::<u64>(0).map_err(|e| QueueError::mem(gpa, 16, e))?;
         let hi = s.read::<u64>(8).map_err(|e| QueueError::mem(gpa, 16, e))?;
         Ok(desc_from_words(lo, hi))
@@ -793,8 +844,9 @@ fn split_fast_pop(
     if desc.flags_or_id & (DESC_F_NEXT | DESC_F_INDIRECT) != 0 || desc.len == 0 {
         return None;
     }
-    let view = mem.translate(GuestPhysAddr::new(desc.addr), u64::from(desc.len)).ok()?;
-    segs.set_single(view.as_ptr() as usize, desc.len, desc.addr, desc.flags_or_id & DESC_F_WRITE != 0);
+    let writable = desc.flags_or_id & DESC_F_WRITE != 0;
+    let p = mem.translate_piece(GuestPhysAddr::new(desc.addr), u64::from(desc.len), access(writable), false).ok()?;
+    segs.set_single(&p, desc.len, writable);
     state.next_avail = state.next_avail.wrapping_add(1);
     Some(head)
 }

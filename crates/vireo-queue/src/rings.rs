@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use bytemuck::Pod;
-use vireo_memory::{Batch, GuestPhysAddr, GuestSlice};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, Perm};
 
 use crate::error::QueueError;
 
@@ -135,7 +135,7 @@ pub(crate) struct Translated<'b, 'q> {
 
 impl Translated<'_, '_> {
     #[inline]
-    fn slice(&self, area: Area, off: usize, len: usize) -> Result<GuestSlice<'_>, QueueError> {
+    fn slice(&self, area: Area, off: usize, len: usize, perm: Perm) -> Result<GuestSlice<'_>, QueueError> {
         let gpa = self.layout.at(area, off);
         let in_bounds = off.checked_add(len).is_some_and(|end| end as u64 <= self.layout.len[area as usize]);
         if !in_bounds {
@@ -149,25 +149,29 @@ impl Translated<'_, '_> {
                 },
             ));
         }
-        self.batch.translate(gpa, len as u64).map_err(|e| QueueError::mem(gpa, len as u64, e))
+        self.batch.translate(gpa, len as u64, perm).map_err(|e| QueueError::mem(gpa, len as u64, e))
     }
 }
 
 impl RingAccess for Translated<'_, '_> {
     fn read<T: Pod>(&self, area: Area, off: usize) -> Result<T, QueueError> {
         let gpa = self.layout.at(area, off);
-        self.slice(area, off, size_of::<T>())?.read(0).map_err(|e| QueueError::mem(gpa, size_of::<T>() as u64, e))
+        self.slice(area, off, size_of::<T>(), Perm::READ)?
+            .read(0)
+            .map_err(|e| QueueError::mem(gpa, size_of::<T>() as u64, e))
     }
     fn write<T: Pod>(&self, area: Area, off: usize, v: T) -> Result<(), QueueError> {
         let gpa = self.layout.at(area, off);
-        self.slice(area, off, size_of::<T>())?.write(0, v).map_err(|e| QueueError::mem(gpa, size_of::<T>() as u64, e))
+        self.slice(area, off, size_of::<T>(), Perm::WRITE)?
+            .write(0, v)
+            .map_err(|e| QueueError::mem(gpa, size_of::<T>() as u64, e))
     }
     fn load_u16(&self, area: Area, off: usize, order: Ordering) -> Result<u16, QueueError> {
         let gpa = self.layout.at(area, off);
-        self.slice(area, off, 2)?.load_u16(0, order).map_err(|e| QueueError::mem(gpa, 2, e))
+        self.slice(area, off, 2, Perm::READ)?.load_u16(0, order).map_err(|e| QueueError::mem(gpa, 2, e))
     }
     fn store_u16(&self, area: Area, off: usize, v: u16, order: Ordering) -> Result<(), QueueError> {
         let gpa = self.layout.at(area, off);
-        self.slice(area, off, 2)?.store_u16(0, v, order).map_err(|e| QueueError::mem(gpa, 2, e))
+        self.slice(area, off, 2, Perm::WRITE)?.store_u16(0, v, order).map_err(|e| QueueError::mem(gpa, 2, e))
     }
 }

@@ -15,9 +15,10 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vireo_memory::Mapping;
-use vireo_memory::{GuestMemory, GuestPhysAddr, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
+use vireo_memory::{GuestMemory, GuestPhysAddr, IotlbEntry, Perm, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
 use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
+use crate::channel::BackendChannel;
 use crate::device::Device;
 use crate::dispatch;
 use crate::worker::{QueueStart, WorkerPool};
@@ -29,8 +30,12 @@ const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VE
 const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
+/// `struct vhost_iotlb_msg` types the frontend sends.
+const IOTLB_UPDATE: u8 = 2;
+const IOTLB_INVALIDATE: u8 = 3;
 // A small constant (0x40) the bindings type as u32.
 #[allow(clippy::cast_possible_truncation)]
 const NEEDS_RESET: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
@@ -86,6 +91,8 @@ pub struct VhostUserBackend {
     inflight: Option<(Arc<Mapping>, u16)>,
     /// The device status byte (SET_STATUS).
     status: u8,
+    /// The backend channel (SET_BACKEND_REQ_FD), shared with the workers.
+    channel: Arc<BackendChannel>,
 }
 
 impl std::fmt::Debug for VhostUserBackend {
@@ -115,6 +122,7 @@ impl VhostUserBackend {
             | VIRTIO_F_RING_PACKED
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_ACCESS_PLATFORM
             | VHOST_USER_F_PROTOCOL_FEATURES
             | VHOST_F_LOG_ALL;
         let rings = (0..device.num_queues()).map(|_| Ring::default()).collect();
@@ -130,7 +138,49 @@ impl VhostUserBackend {
             workers: WorkerPool::new(threads),
             inflight: None,
             status: 0,
+            channel: Arc::new(BackendChannel::new()),
         }
+    }
+
+    /// The backend channel (a device sends configuration change notices on it).
+    pub fn channel(&self) -> &Arc<BackendChannel> {
+        &self.channel
+    }
+
+    /// Whether the driver's addresses go through an IOTLB (VIRTIO_F_ACCESS_PLATFORM).
+    fn iotlb(&self) -> bool {
+        self.acked_features & VIRTIO_F_ACCESS_PLATFORM != 0
+    }
+
+    /// IOTLB_MSG: an update or an invalidation (`kind` 2 or 3). An invalidation returns only when
+    /// no worker and no I/O in flight uses the range (the reply is the barrier).
+    pub fn iotlb_msg(&mut self, iova: u64, size: u64, uaddr: u64, perm: u8, kind: u8) -> Result<()> {
+        if !self.iotlb() {
+            return Err(invalid("IOTLB message without VIRTIO_F_ACCESS_PLATFORM"));
+        }
+        match kind {
+            IOTLB_UPDATE => {
+                let perm = Perm::from_bits(perm).ok_or_else(|| invalid("IOTLB update without access rights"))?;
+                self.memory.iotlb_update(IotlbEntry { iova, size, uaddr, perm }).map_err(|e| {
+                    tracing::warn!(error = %e, "IOTLB update refused");
+                    VuError::InvalidParam
+                })?;
+                // Queues parked on a miss look again.
+                self.workers.wake_all();
+                Ok(())
+            }
+            IOTLB_INVALIDATE => self.memory.iotlb_invalidate(iova, size).map_err(|e| {
+                tracing::warn!(error = %e, "IOTLB invalidation refused");
+                VuError::InvalidParam
+            }),
+            _ => Err(invalid("IOTLB message type other than update or invalidate")),
+        }
+    }
+
+    /// SET_BACKEND_REQ_FD.
+    pub fn set_backend_req_fd(&mut self, sock: UnixStream) {
+        tracing::debug!("backend channel set");
+        self.channel.set(Some(sock));
     }
 
     fn ring(&mut self, index: u32) -> Result<&mut Ring> {
@@ -161,7 +211,14 @@ impl VhostUserBackend {
         }
         let Some((desc, used, avail)) = r.addrs else { return Ok(()) };
         let map = self.memory.map();
-        let gpa = |u: u64| map.user_to_gpa(UserAddr::new(u)).map_err(|_| invalid("ring address not in guest memory"));
+        let iotlb = self.iotlb();
+        let gpa = |u: u64| {
+            if iotlb {
+                // Behind a vIOMMU the ring addresses are IOVAs, translated by the IOTLB.
+                return Ok(GuestPhysAddr::new(u));
+            }
+            map.user_to_gpa(UserAddr::new(u)).map_err(|_| invalid("ring address not in guest memory"))
+        };
         let packed = self.acked_features & VIRTIO_F_RING_PACKED != 0;
         let addrs = if packed {
             RingAddrs::Packed { desc: gpa(desc)?, driver: gpa(avail)?, device: gpa(used)? }
@@ -172,7 +229,9 @@ impl VhostUserBackend {
             size: r.size,
             addrs,
             event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
-            ring_log_addr: r.log_addr.map(GuestPhysAddr::new),
+            // Behind a vIOMMU the ring's own IOVA is logged through the IOTLB, as the kernel's
+            // vhost does; log_guest_addr would be an IOVA too.
+            ring_log_addr: r.log_addr.filter(|_| !iotlb).map(GuestPhysAddr::new),
         };
         let mut queue = Queue::new(self.memory.register_queue(), cfg).map_err(|e| {
             tracing::warn!(queue = index, error = %e, "ring refused");
@@ -201,7 +260,16 @@ impl VhostUserBackend {
         let call = r.call.as_ref().and_then(|c| c.try_clone().ok());
         let broken = r.broken.clone();
         broken.store(false, std::sync::atomic::Ordering::Relaxed);
-        let start = QueueStart { index, queue, kick, call, device: self.device.clone(), poll: self.poll, broken };
+        let start = QueueStart {
+            index,
+            queue,
+            kick,
+            call,
+            device: self.device.clone(),
+            poll: self.poll,
+            broken,
+            channel: self.channel.clone(),
+        };
         self.workers.start(start).map_err(VuError::ReqHandlerError)?;
         self.rings[index].running = true;
         self.rings[index].stopped = None;
@@ -274,6 +342,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             *r = Ring::default();
         }
         self.acked_features = 0;
+        self.memory.set_iotlb_enabled(false);
         Ok(())
     }
 
@@ -285,12 +354,18 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         if features & !self.features != 0 {
             return Err(invalid("features not offered"));
         }
+        let access_platform = features & VIRTIO_F_ACCESS_PLATFORM != 0;
+        if access_platform && self.protocol_features & VhostUserProtocolFeatures::BACKEND_REQ.bits() == 0 {
+            // Misses could not be asked for.
+            return Err(invalid("VIRTIO_F_ACCESS_PLATFORM without the backend channel"));
+        }
         if (features ^ self.acked_features) & VHOST_F_LOG_ALL != 0 {
             tracing::info!(on = features & VHOST_F_LOG_ALL != 0, "dirty logging (VHOST_F_LOG_ALL)");
         }
         self.acked_features = features;
         // VHOST_F_LOG_ALL both ways: on waits for running batches (GuestMemory::set_logging).
         self.memory.set_logging(features & VHOST_F_LOG_ALL != 0);
+        self.memory.set_iotlb_enabled(access_platform);
         Ok(())
     }
 
@@ -410,7 +485,8 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::STATUS)
+            | VhostUserProtocolFeatures::STATUS
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {

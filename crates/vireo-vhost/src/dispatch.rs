@@ -41,6 +41,7 @@ const VRING_INDEX_MASK: u64 = 0xff;
 const VRING_NOFD: u64 = 0x100;
 const MEMORY_REGIONS_MAX: usize = 8;
 const CONFIG_MAX: usize = 256;
+const IOTLB_MSG_SIZE: usize = 32;
 
 /// Why a connection ends.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +227,10 @@ pub fn handle_message(backend: &mut VhostUserBackend, mut msg: Message) -> Resul
         Ok(None) => Ok(None),
         Err(Refusal(why)) => {
             tracing::warn!(request = code, why, "vhost-user request refused");
-            if has_reply(code) {
+            if code == FrontendReq::IOTLB_MSG as u32 {
+                // Its reply is a status word: a refusal is a non-zero one.
+                Ok(Some(Reply::u64(1)))
+            } else if has_reply(code) {
                 Err(ProtocolError::Unanswerable { code, why })
             } else if need_ack {
                 Ok(Some(Reply::u64(1)))
@@ -415,10 +419,20 @@ fn dispatch(b: &mut VhostUserBackend, msg: &mut Message) -> Result<Option<Reply>
     } else if is(R::GET_STATUS) {
         want_size(msg, 0)?;
         return Ok(Some(Reply::u64(b.status())));
+    } else if is(R::IOTLB_MSG) {
+        // struct vhost_iotlb_msg: iova, size, uaddr (u64 each), perm, type (u8 each), padded
+        // to 32 bytes by its alignment.
+        want_size(msg, IOTLB_MSG_SIZE)?;
+        b.iotlb_msg(u64_at(p, 0), u64_at(p, 8), u64_at(p, 16), p[24], p[25])?;
+        // The spec wants the status word whether or not NEED_REPLY was set.
+        return Ok(Some(Reply::u64(0)));
+    } else if is(R::SET_BACKEND_REQ_FD) {
+        want_size(msg, 0)?;
+        let file = one_file(msg)?;
+        b.set_backend_req_fd(UnixStream::from(std::os::fd::OwnedFd::from(file)));
     } else {
-        // IOTLB_MSG, SET_BACKEND_REQ_FD, SET_LOG_FD, SEND_RARP, NET_SET_MTU, postcopy, GPU,
-        // shared objects, device state: not offered, so a conforming frontend does not send
-        // them.
+        // SET_LOG_FD, SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects, device state: not
+        // offered, so a conforming frontend does not send them.
         return Err(Refusal(format!("request {code} is not supported")));
     }
     Ok(None)

@@ -19,9 +19,11 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod channel;
 mod device;
 pub mod dispatch;
 mod worker;
 
 pub use backend::{serve, serve_opts, serve_stream, serve_with, ServeError, ServeOptions, VhostUserBackend};
+pub use channel::{BackendChannel, ChannelError};
 pub use device::{Device, Engine};

@@ -16,9 +16,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use vireo_memory::Perm;
 use vireo_queue::{Queue, QueueBatch, QueueError, UsedToken};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::channel::BackendChannel;
 use crate::device::{Device, Engine};
 
 /// What the control side hands a worker thread to start a queue.
@@ -33,6 +35,8 @@ pub(crate) struct QueueStart {
     pub poll: bool,
     /// Set when the driver breaks the queue.
     pub broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Where IOTLB misses go.
+    pub channel: Arc<BackendChannel>,
 }
 
 enum Command {
@@ -92,6 +96,13 @@ impl WorkerPool {
         t.wake.write(1)
     }
 
+    /// Wakes every thread: the IOTLB changed, and queues parked on a miss look again.
+    pub fn wake_all(&self) {
+        for t in &self.threads {
+            let _ = t.wake.write(1);
+        }
+    }
+
     /// Takes queue `index` back from its thread, with nothing of it in flight.
     pub fn stop(&mut self, index: usize) -> Option<Queue> {
         let t = self.threads.get(index % self.max_threads)?;
@@ -117,6 +128,22 @@ impl Drop for WorkerPool {
     }
 }
 
+/// A queue waiting for an IOTLB entry. It is not processed (nothing of the chain that missed
+/// was consumed; it is walked again from the start) until the IOTLB generation moves past
+/// `generation`, read before the batch that missed, so an update that raced with the miss is
+/// never waited for.
+struct Parked {
+    generation: u64,
+    iova: u64,
+    perm: Perm,
+    asked: std::time::Instant,
+}
+
+/// How long a parked queue waits before it asks again (the frontend may have dropped the miss,
+/// or found no mapping: a guest that made an unmapped IOVA available waits here for ever, as
+/// it would with the kernel's vhost, without holding anything up).
+const MISS_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One queue served by a worker thread.
 struct Served {
     index: usize,
@@ -131,6 +158,11 @@ struct Served {
     broken: bool,
     broken_flag: Arc<std::sync::atomic::AtomicBool>,
     done: Vec<(UsedToken, u32)>,
+    /// Completions reaped while parked, added to the used ring once the queue runs again.
+    stash: Vec<(UsedToken, u32)>,
+    /// Waiting for the frontend to answer an IOTLB miss.
+    parked: Option<Parked>,
+    channel: Arc<BackendChannel>,
     idle: u32,
     /// The last `run` stopped with work left (see `MAX_PASSES`), or the engine could not submit.
     backlog: bool,
@@ -157,6 +189,9 @@ impl Served {
             broken: false,
             broken_flag: s.broken,
             done: Vec::new(),
+            stash: Vec::new(),
+            parked: None,
+            channel: s.channel,
             idle: 0,
             backlog: false,
         }
@@ -169,9 +204,13 @@ impl Served {
         device: &dyn Device,
         engine: &mut Option<Box<dyn Engine>>,
         done: &mut Vec<(UsedToken, u32)>,
+        stash: &mut Vec<(UsedToken, u32)>,
         qb: &mut QueueBatch<'_, '_>,
     ) -> Result<u32, QueueError> {
         let mem = qb.memory();
+        for (token, len) in stash.drain(..) {
+            qb.add_used(token, len)?;
+        }
         if let Some(engine) = engine.as_mut() {
             done.clear();
             engine.reap(mem, done);
@@ -180,7 +219,13 @@ impl Served {
             }
         }
         let mut n = 0u32;
-        while let Some(chain) = qb.pop()? {
+        let popped = loop {
+            let chain = match qb.pop() {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break Ok(n),
+                // An IOTLB miss (or a broken queue): what was started still goes to the kernel.
+                Err(e) => break Err(e),
+            };
             let token = chain.token();
             let finished = match engine.as_mut() {
                 Some(engine) => engine.start(&chain, mem, token),
@@ -191,13 +236,56 @@ impl Served {
                 qb.add_used(token, written)?;
             }
             n += 1;
-        }
+        };
         if let Some(engine) = engine.as_mut() {
             if let Err(e) = engine.submit() {
                 tracing::error!(queue = index, error = %e, "I/O submission failed");
             }
         }
-        Ok(n)
+        popped
+    }
+
+    /// Parks the queue on the miss `e` and asks the frontend for the entry.
+    fn park(&mut self, generation: u64, e: &QueueError) {
+        let Some((iova, perm)) = e.iotlb_miss() else { return };
+        tracing::debug!(queue = self.index, iova, ?perm, "IOTLB miss; queue parked");
+        self.parked = Some(Parked { generation, iova, perm, asked: std::time::Instant::now() });
+        self.ask(iova, perm);
+        // Completions already in the engine (their eventfd was read before this pass) are
+        // reaped now, not at the next wake-up: an invalidation may be waiting for their pins.
+        self.reap_parked();
+    }
+
+    /// Reaps what completed while the queue cannot touch its ring; the used elements wait in
+    /// `stash`.
+    fn reap_parked(&mut self) {
+        if let Some(engine) = self.engine.as_mut().filter(|e| e.in_flight() > 0) {
+            let stash = &mut self.stash;
+            self.queue.with_memory(|mem| engine.reap(mem, stash));
+        }
+    }
+
+    fn ask(&self, iova: u64, perm: Perm) {
+        if let Err(err) = self.channel.iotlb_miss(iova, perm) {
+            tracing::warn!(queue = self.index, iova, error = %err, "IOTLB miss not sent; asking again later");
+        }
+    }
+
+    /// A parked queue: whether it may run again (the IOTLB moved). While it may not, I/O in
+    /// flight is still completed, and the miss is sent again now and then.
+    fn unpark(&mut self) -> bool {
+        let Some(p) = self.parked.as_mut() else { return true };
+        if self.queue.iotlb_generation() != p.generation {
+            self.parked = None;
+            return true;
+        }
+        if p.asked.elapsed() >= MISS_RETRY {
+            p.asked = std::time::Instant::now();
+            let (iova, perm) = (p.iova, p.perm);
+            self.ask(iova, perm);
+        }
+        self.reap_parked();
+        false
     }
 
     fn signal(&mut self, notify: bool) {
@@ -223,7 +311,7 @@ impl Served {
     /// commands get their turn first). Returns whether it did any work.
     fn run(&mut self, spin: bool) -> bool {
         self.backlog = false;
-        if self.broken {
+        if self.broken || !self.unpark() {
             return false;
         }
         let mut worked = false;
@@ -231,12 +319,13 @@ impl Served {
         loop {
             passes += 1;
             let (index, poll) = (self.index, self.poll || spin);
-            let (device, engine, done) = (&*self.device, &mut self.engine, &mut self.done);
+            let generation = self.queue.iotlb_generation();
+            let (device, engine, done, stash) = (&*self.device, &mut self.engine, &mut self.done, &mut self.stash);
             let res = self.queue.process(|qb| {
                 if poll {
                     qb.disable_notification()?;
                 }
-                let n = Self::pass(index, device, engine, done, qb)?;
+                let n = Self::pass(index, device, engine, done, stash, qb)?;
                 let more = if poll { false } else { qb.enable_notification()? };
                 Ok::<(u32, bool), QueueError>((n, more))
             });
@@ -253,6 +342,15 @@ impl Served {
                         return worked;
                     }
                 }
+                Ok((Err(e), notify)) if e.is_iotlb_miss() => {
+                    self.signal(notify);
+                    self.park(generation, &e);
+                    return worked || notify;
+                }
+                Err(e) if e.is_iotlb_miss() => {
+                    self.park(generation, &e);
+                    return worked;
+                }
                 Ok((Err(e), _)) | Err(e) => {
                     self.break_queue(&e);
                     return worked;
@@ -263,17 +361,27 @@ impl Served {
 
     /// Completes every request in flight (before the queue is handed back).
     fn drain(&mut self) {
-        while !self.broken && self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
-            if let Some(Err(err)) = self.engine.as_mut().map(|e| e.wait()) {
+        // Completions stashed while parked on an IOTLB miss go into the ring too. If the miss was
+        // the ring itself, they cannot: the queue breaks (a driver that takes its rings' IOTLB
+        // entries back while they are in use).
+        loop {
+            let in_flight = self.engine.as_ref().is_some_and(|e| e.in_flight() > 0);
+            if self.broken || (!in_flight && self.stash.is_empty()) {
+                break;
+            }
+            if let Some(Err(err)) = self.engine.as_mut().filter(|_| in_flight).map(|e| e.wait()) {
                 // The requests cannot be completed into the ring: the queue is broken (the
                 // guest sees NEEDS_RESET) rather than handed back as if nothing were pending.
                 tracing::error!(queue = self.index, error = %err, "waiting for I/O failed");
                 self.break_queue(&QueueError::Config { what: "in-flight I/O could not be completed" });
                 return;
             }
-            let (engine, done) = (&mut self.engine, &mut self.done);
+            let (engine, done, stash) = (&mut self.engine, &mut self.done, &mut self.stash);
             let res = self.queue.process(|qb| {
                 let mem = qb.memory();
+                for (token, len) in stash.drain(..) {
+                    qb.add_used(token, len)?;
+                }
                 done.clear();
                 if let Some(e) = engine.as_mut() {
                     e.reap(mem, done);
@@ -335,7 +443,8 @@ impl WorkerThread {
 
     fn run(mut self) {
         loop {
-            let polling = self.queues.iter().any(|q| (q.poll || q.backlog) && !q.broken);
+            let polling = self.queues.iter().any(|q| (q.poll || q.backlog) && !q.broken && q.parked.is_none());
+            let parked = self.queues.iter().any(|q| q.parked.is_some() && !q.broken);
             let (ready, slept) = {
                 // SAFETY: the eventfd lives as long as `self`, beyond this poll call.
                 let wake = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.wake)) };
@@ -354,8 +463,18 @@ impl WorkerThread {
                 let mut fds: Vec<_> =
                     watched.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
                 let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+                // A parked queue is looked at again when the IOTLB changes (the control thread
+                // wakes every worker) and at least this often, to ask again.
+                let retry = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+                let timeout = if polling {
+                    Some(&zero)
+                } else if parked {
+                    Some(&retry)
+                } else {
+                    None
+                };
                 let slept_from = std::time::Instant::now();
-                let res = rustix::event::poll(&mut fds, polling.then_some(&zero));
+                let res = rustix::event::poll(&mut fds, timeout);
                 let slept = slept_from.elapsed();
                 match res {
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
@@ -384,7 +503,7 @@ impl WorkerThread {
             }
             let mut any = false;
             for (q, r) in self.queues.iter_mut().zip(&ready) {
-                if *r || q.poll || q.backlog {
+                if *r || q.poll || q.backlog || q.parked.is_some() {
                     let worked = q.run(false);
                     any |= worked;
                     q.idle = if worked { 0 } else { q.idle.saturating_add(1) };

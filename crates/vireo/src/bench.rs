@@ -37,6 +37,15 @@ pub enum RingKind {
     Packed,
 }
 
+/// How the driver's vIOMMU maps guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IommuArg {
+    /// All of guest RAM in one entry per region, before the rings start.
+    Premapped,
+    /// Nothing up front; every backend miss answered with a 4 KiB page.
+    OnDemand,
+}
+
 /// `vireo bench` options (fio's names where fio has one).
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -78,6 +87,12 @@ pub struct BenchArgs {
     /// remaps under running queues).
     #[arg(long, default_value_t = 0)]
     pub churn: u32,
+    /// Act as a vIOMMU (VIRTIO_F_ACCESS_PLATFORM): the backend translates every address through
+    /// IOTLB entries the driver sends, for all of guest RAM up front (`premapped`) or a page per
+    /// miss (`on-demand`). With `--churn`, each change is then an IOTLB invalidation of all of
+    /// guest RAM instead of a memory table.
+    #[arg(long, value_enum)]
+    pub iommu: Option<IommuArg>,
     /// Dirty logging on for the run (SET_LOG_BASE with a log memfd, then VHOST_F_LOG_ALL).
     #[arg(long)]
     pub log_all: bool,
@@ -229,6 +244,10 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         log_shmfd: a.log_all,
         inflight: false,
         add_mem_reg: false,
+        iommu: a.iommu.map(|m| match m {
+            IommuArg::Premapped => vireo_driver::IommuMode::Premapped,
+            IommuArg::OnDemand => vireo_driver::IommuMode::OnDemand,
+        }),
     };
     let mut dev = BlkDevice::connect(&a.socket_path, &opts)?;
     if a.ring == RingKind::Packed && dev.features() & (1 << 34) == 0 {
@@ -340,7 +359,8 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         }
         if let Some(t) = next_churn {
             if now >= t && submitting {
-                churn_lat.push(u64::try_from(dev.resend_mem_table()?.as_nanos()).unwrap_or(u64::MAX));
+                let took = if a.iommu.is_some() { dev.iotlb_churn()? } else { dev.resend_mem_table()? };
+                churn_lat.push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
                 next_churn = Some(t + Duration::from_secs_f64(1.0 / f64::from(a.churn)));
             }
         }
@@ -408,7 +428,13 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         "cpu_ns_per_io": per_io(cpu),
         "backend_cpu_ns_per_io": backend_cpu.map(per_io),
         "verified_blocks": verified,
-        "churn": { "changes": churn_lat.len(), "reply_p50_ns": pct(&churn_lat, 50), "reply_p99_ns": pct(&churn_lat, 99) },
+        "churn": {
+            "kind": if a.iommu.is_some() { "iotlb-invalidate" } else { "mem-table" },
+            "changes": churn_lat.len(),
+            "reply_p50_ns": pct(&churn_lat, 50),
+            "reply_p99_ns": pct(&churn_lat, 99),
+        },
+        "iotlb_misses": dev.iotlb_misses(),
         "dirty_pages": dirty,
     });
     if a.json {
@@ -436,8 +462,9 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         }
         if !churn_lat.is_empty() {
             println!(
-                "churn: {} memory-table changes, reply p50 {:.1} us p99 {:.1} us",
+                "churn: {} {}, reply p50 {:.1} us p99 {:.1} us",
                 churn_lat.len(),
+                if a.iommu.is_some() { "IOTLB invalidations" } else { "memory-table changes" },
                 pct(&churn_lat, 50) as f64 / 1000.0,
                 pct(&churn_lat, 99) as f64 / 1000.0
             );

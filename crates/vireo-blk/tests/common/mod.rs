@@ -24,7 +24,7 @@ pub fn polled_ring(serial: &str) -> (VhostUserBackend, GuestRam, SplitDriver) {
     let files: Vec<std::fs::File> =
         ram.files().iter().map(|&(_, _, fd)| std::fs::File::from(fd.try_clone_to_owned().unwrap())).collect();
     backend.set_mem_table(&regions, files, None).unwrap();
-    let features = backend.get_features().unwrap() & !(1 << 34); // split ring
+    let features = backend.get_features().unwrap() & !(1 << 34) & !(1 << 33); // split ring, no vIOMMU
     backend.set_features(features).unwrap();
     backend.set_vring_num(0, 16).unwrap();
     backend.set_vring_base(0, 0).unwrap();

@@ -1,0 +1,102 @@
+//! The backend channel (SET_BACKEND_REQ_FD): the socket on which the backend sends requests to
+//! the frontend. Vireo sends IOTLB misses (a queue needs a translation) and configuration change
+//! notices on it, and never asks for a reply.
+//!
+//! Workers send on it, so a send must never wait: the frontend reads this socket from the same
+//! loop that waits for Vireo's replies, and a worker blocked here could be the one an
+//! invalidation waits for. Sends are non-blocking; a full socket drops the message (a queue
+//! parked on a miss sends it again later) and is reported.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+use vireo_memory::Perm;
+
+/// Backend request codes (vhost-user's VHOST_USER_BACKEND_*).
+const BACKEND_IOTLB_MSG: u32 = 1;
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// Header flags: protocol version 1, no reply wanted.
+const FLAG_VERSION: u32 = 0x1;
+/// `struct vhost_iotlb_msg` type field: a miss.
+const IOTLB_MISS: u8 = 1;
+/// `struct vhost_iotlb_msg` is 26 bytes of fields, padded to 32 by its alignment.
+const IOTLB_MSG_SIZE: usize = 32;
+
+/// Why a backend request was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The frontend gave no backend channel (or it was closed).
+    #[error("no backend channel")]
+    NotConnected,
+    /// The socket is full: the frontend is not reading it now.
+    #[error("backend channel full; request dropped")]
+    Full,
+    /// The socket failed; the channel is dropped.
+    #[error("backend channel failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One connection's backend channel, shared by the control thread and the workers.
+#[derive(Debug, Default)]
+pub struct BackendChannel {
+    sock: Mutex<Option<UnixStream>>,
+}
+
+impl BackendChannel {
+    /// A channel with no socket yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// SET_BACKEND_REQ_FD: the socket to send on (replacing any earlier one).
+    pub fn set(&self, sock: Option<UnixStream>) {
+        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = sock;
+    }
+
+    /// Whether there is a socket.
+    pub fn is_connected(&self) -> bool {
+        self.sock.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Asks the frontend for the IOTLB entry covering `iova`, for `perm` access.
+    pub fn iotlb_miss(&self, iova: u64, perm: Perm) -> Result<(), ChannelError> {
+        let mut payload = [0u8; IOTLB_MSG_SIZE];
+        payload[0..8].copy_from_slice(&iova.to_le_bytes());
+        // size (8..16) and uaddr (16..24) are not used in a miss.
+        payload[24] = perm.bits();
+        payload[25] = IOTLB_MISS;
+        self.send(BACKEND_IOTLB_MSG, &payload)
+    }
+
+    /// Tells the frontend that the device configuration space changed (the guest is then
+    /// interrupted with a configuration change notification).
+    pub fn config_changed(&self) -> Result<(), ChannelError> {
+        self.send(BACKEND_CONFIG_CHANGE_MSG, &[])
+    }
+
+    fn send(&self, code: u32, payload: &[u8]) -> Result<(), ChannelError> {
+        let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        let sock = guard.as_ref().ok_or(ChannelError::NotConnected)?;
+        let mut msg = Vec::with_capacity(12 + payload.len());
+        msg.extend_from_slice(&code.to_le_bytes());
+        msg.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+        // Payloads here are at most 32 bytes.
+        msg.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+        msg.extend_from_slice(payload);
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        match rustix::net::send(sock, &msg, flags) {
+            Ok(n) if n == msg.len() => Ok(()),
+            Ok(_) => {
+                // Half a message on a stream socket: the frontend would misread everything after
+                // it. Nothing more is sent on this channel.
+                *guard = None;
+                Err(ChannelError::Io(std::io::Error::other("partial write; channel closed")))
+            }
+            Err(rustix::io::Errno::AGAIN) => Err(ChannelError::Full),
+            Err(e) => {
+                *guard = None;
+                Err(ChannelError::Io(e.into()))
+            }
+        }
+    }
+}
