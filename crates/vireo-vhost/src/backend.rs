@@ -93,6 +93,9 @@ pub struct VhostUserBackend {
     status: u8,
     /// The backend channel (SET_BACKEND_REQ_FD), shared with the workers.
     channel: Arc<BackendChannel>,
+    /// IOTLB updates and invalidations received (reported when the connection ends).
+    iotlb_updates: u64,
+    iotlb_invalidations: u64,
 }
 
 impl std::fmt::Debug for VhostUserBackend {
@@ -139,6 +142,8 @@ impl VhostUserBackend {
             inflight: None,
             status: 0,
             channel: Arc::new(BackendChannel::new()),
+            iotlb_updates: 0,
+            iotlb_invalidations: 0,
         }
     }
 
@@ -167,12 +172,17 @@ impl VhostUserBackend {
                 })?;
                 // Queues parked on a miss look again.
                 self.workers.wake_all();
+                self.iotlb_updates += 1;
                 Ok(())
             }
-            IOTLB_INVALIDATE => self.memory.iotlb_invalidate(iova, size).map_err(|e| {
-                tracing::warn!(error = %e, "IOTLB invalidation refused");
-                VuError::InvalidParam
-            }),
+            IOTLB_INVALIDATE => {
+                self.memory.iotlb_invalidate(iova, size).map_err(|e| {
+                    tracing::warn!(error = %e, "IOTLB invalidation refused");
+                    VuError::InvalidParam
+                })?;
+                self.iotlb_invalidations += 1;
+                Ok(())
+            }
             _ => Err(invalid("IOTLB message type other than update or invalidate")),
         }
     }
@@ -303,6 +313,14 @@ impl VhostUserBackend {
     pub fn shutdown(&mut self) {
         for i in 0..self.rings.len() {
             self.stop(i);
+        }
+        if self.iotlb_updates + self.iotlb_invalidations > 0 {
+            tracing::info!(
+                updates = self.iotlb_updates,
+                invalidations = self.iotlb_invalidations,
+                misses = self.channel.misses_sent(),
+                "vIOMMU IOTLB traffic on this connection"
+            );
         }
     }
 

@@ -40,6 +40,7 @@ pub enum ChannelError {
 #[derive(Debug, Default)]
 pub struct BackendChannel {
     sock: Mutex<Option<UnixStream>>,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl BackendChannel {
@@ -65,7 +66,14 @@ impl BackendChannel {
         // size (8..16) and uaddr (16..24) are not used in a miss.
         payload[24] = perm.bits();
         payload[25] = IOTLB_MISS;
-        self.send(BACKEND_IOTLB_MSG, &payload)
+        self.send(BACKEND_IOTLB_MSG, &payload)?;
+        self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// IOTLB misses sent.
+    pub fn misses_sent(&self) -> u64 {
+        self.misses.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tells the frontend that the device configuration space changed (the guest is then
