@@ -303,6 +303,25 @@ fn rw_vectored(file: &File, chain: &Chain<'_>, offset: u64, write: bool) -> std:
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
+/// The device state's header and version (`Device::save_state`).
+const STATE_MAGIC: &[u8; 8] = b"VIREOBLK";
+const STATE_VERSION: u32 = 1;
+
+impl BlkDevice {
+    /// Magic, version, size in bytes, read-only flag, the 20 serial bytes GET_ID returns.
+    fn state_record(&self) -> Vec<u8> {
+        let mut s = STATE_MAGIC.to_vec();
+        s.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        s.extend_from_slice(&self.inner.size().to_le_bytes());
+        s.push(u8::from(self.inner.cfg.read_only));
+        let mut serial = [0u8; 20];
+        let n = self.inner.cfg.serial.len().min(20);
+        serial[..n].copy_from_slice(&self.inner.cfg.serial.as_bytes()[..n]);
+        s.extend_from_slice(&serial);
+        s
+    }
+}
+
 impl Device for BlkDevice {
     fn features(&self) -> u64 {
         let mut f = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY | F_MQ;
@@ -331,6 +350,39 @@ impl Device for BlkDevice {
 
     fn num_queues(&self) -> usize {
         usize::from(self.inner.cfg.num_queues.max(1))
+    }
+
+    /// A block device keeps no request state across a stop (rings drain first), so what
+    /// migrates is what the guest has seen of the disk: its size, whether it is read-only, and
+    /// its serial (GET_ID). The destination refuses a state that does not match its own disk:
+    /// a guest must not resume on another disk than the one it was using.
+    fn save_state(&self) -> Vec<u8> {
+        self.state_record()
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        let mine = self.state_record();
+        if state.len() < STATE_MAGIC.len() + 4 || !state.starts_with(STATE_MAGIC) {
+            return Err("not a vireo block device state".into());
+        }
+        let version = u32::from_le_bytes([state[8], state[9], state[10], state[11]]);
+        if version != STATE_VERSION {
+            return Err(format!("block device state version {version}, this vireo takes {STATE_VERSION}"));
+        }
+        if state != mine.as_slice() {
+            let describe = |s: &[u8]| {
+                let cap = s.get(12..20).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+                let ro = s.get(20).copied().unwrap_or(0) != 0;
+                let serial = String::from_utf8_lossy(s.get(21..).unwrap_or(&[])).trim_end_matches('\0').to_string();
+                format!("{cap} bytes, read-only {ro}, serial {serial:?}")
+            };
+            return Err(format!(
+                "the source served another disk ({}), this one is {}",
+                describe(state),
+                describe(&mine)
+            ));
+        }
+        Ok(())
     }
 
     fn max_queue_size(&self) -> u16 {

@@ -103,8 +103,14 @@ fn reply_ack_status_and_refusals() {
     assert_ne!(c.u64_reply(SET_VRING_NUM), 0);
     c.send(SET_VRING_NUM, NEED_REPLY, &[7, 0, 0, 0, 16, 0, 0, 0]); // no queue 7
     assert_ne!(c.u64_reply(SET_VRING_NUM), 0);
-    c.send(22, NEED_REPLY, &[0u8; 32]); // IOTLB_MSG: not offered
+    c.send(22, NEED_REPLY, &[0u8; 32]); // IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM
     assert_ne!(c.u64_reply(22), 0);
+    c.send(22, 0, &[0u8; 32]); // the spec has every IOTLB_MSG answered, NEED_REPLY or not
+    assert_ne!(c.u64_reply(22), 0);
+    c.send(43, 0, &[]); // CHECK_DEVICE_STATE with no transfer: a non-zero status
+    assert_ne!(c.u64_reply(43), 0);
+    c.send(42, 0, &[0u8; 8]); // SET_DEVICE_STATE_FD without a descriptor: error, no fd (bit 8)
+    assert_eq!(c.u64_reply(42), 0x101);
     c.send(GET_QUEUE_NUM, 0, &[]);
     assert_eq!(c.u64_reply(GET_QUEUE_NUM), 1);
     // A request whose reply is its answer, refused: the frontend would wait for ever, so the

@@ -27,6 +27,10 @@ impl Server {
     }
 
     fn start_with(name: &str, size: u64, read_only: bool, queues: u16, poll: bool) -> Self {
+        Self::start_full(name, size, read_only, queues, poll, &format!("vireo-{name}"))
+    }
+
+    fn start_full(name: &str, size: u64, read_only: bool, queues: u16, poll: bool, serial: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("vireo-blk-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,7 +40,7 @@ impl Server {
         let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(&image).unwrap();
         let device = Device::new(
             Storage::File { file, size },
-            BlkConfig { num_queues: queues, read_only, ..BlkConfig::new(format!("vireo-{name}")) },
+            BlkConfig { num_queues: queues, read_only, ..BlkConfig::new(serial) },
         )
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -245,6 +249,35 @@ fn viommu_permission_fault_breaks_only_that_queue() {
     );
     let back = dev.run_on(1, req::IN, 0, None, 4096).unwrap();
     assert_eq!(back, (status::OK, vec![5u8; 4096]), "the other queue goes on");
+    let t = Instant::now();
+    while dev.iotlb_access_failures() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the access failure is reported on the backend channel");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// DEVICE_STATE: the source's state (its disk's size, read-only flag and serial) is saved with
+/// the rings stopped and taken by a destination serving the same disk; a destination serving
+/// another disk refuses it through CHECK_DEVICE_STATE, as a running ring refuses the transfer.
+#[test]
+fn device_state_migrates_and_refuses_another_disk() {
+    let src = Server::start_full("state-src", 4 << 20, false, 1, false, "disk-7");
+    let same = Server::start_full("state-same", 4 << 20, false, 1, false, "disk-7");
+    let other = Server::start_full("state-other", 8 << 20, false, 1, false, "disk-7");
+    let mut dev = BlkDevice::connect(&src.sock, &BlkOptions::default()).unwrap();
+    assert!(dev.save_state().is_err(), "refused while the ring runs");
+    dev.stop_queue(0).unwrap();
+    let state = dev.save_state().unwrap();
+    assert!(state.starts_with(b"VIREOBLK"));
+    for (srv, ok) in [(&same, true), (&other, false)] {
+        let mut dst = BlkDevice::connect(&srv.sock, &BlkOptions::default()).unwrap();
+        dst.stop_queue(0).unwrap();
+        assert_eq!(dst.load_state(&state).is_ok(), ok);
+        if ok {
+            dst.start_queue(0, 0).unwrap();
+            assert_eq!(dst.get_id().unwrap(), (status::OK, "disk-7".to_string()));
+        }
+    }
 }
 
 /// Busy-polling workers (`vireo blk --poll`): the same data checks, on two queues.

@@ -162,6 +162,12 @@ impl Drop for Watchdog {
     }
 }
 
+/// A pipe as two files (the channel of a device state transfer).
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((std::fs::File::from(r), std::fs::File::from(w)))
+}
+
 /// Sleeps until one of the call eventfds fires or `timeout` passes, then drains them (a
 /// spurious wake-up just makes the caller poll the rings again).
 fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<(), BlkError> {
@@ -384,6 +390,8 @@ impl BlkDevice {
             }
             want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        // Device state transfer, where offered (BlkDevice::save_state / load_state).
+        want |= proto & VhostUserProtocolFeatures::DEVICE_STATE;
         watchdog.guard("SET_PROTOCOL_FEATURES", || fe.set_protocol_features(proto & want))?;
         let backend_queues = if proto.contains(VhostUserProtocolFeatures::MQ) {
             watchdog.guard("GET_QUEUE_NUM", || fe.get_queue_num())?
@@ -619,6 +627,11 @@ impl BlkDevice {
         Ok(took)
     }
 
+    /// vIOMMU: how many IOTLB access failures the backend reported on this connection.
+    pub fn iotlb_access_failures(&self) -> u64 {
+        self.responder.as_ref().map_or(0, MissResponder::faults)
+    }
+
     /// vIOMMU: how many IOTLB misses the backend sent (and were answered).
     pub fn iotlb_misses(&self) -> u64 {
         self.misses_before + self.responder.as_ref().map_or(0, MissResponder::misses)
@@ -667,6 +680,38 @@ impl BlkDevice {
     pub fn start_queue(&mut self, q: usize, base: u16) -> Result<(), BlkError> {
         let queue = self.queues.get(q).ok_or(BlkError::Missing("a queue with that index"))?;
         start_ring(&mut self.fe, &self.watchdog, &self.ram, self.queue_size, q, queue, base)
+    }
+
+    /// Saves the backend's device state (DEVICE_STATE, as the source of a migration does): every
+    /// queue must be stopped first ([`BlkDevice::stop_queue`]).
+    pub fn save_state(&mut self) -> Result<Vec<u8>, BlkError> {
+        use vhost::vhost_user::message::{VhostTransferStateDirection as Dir, VhostTransferStatePhase as Phase};
+        let (reader, writer) = pipe()?;
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        let theirs =
+            wd.guard("SET_DEVICE_STATE_FD", || fe.set_device_state_fd(Dir::SAVE, Phase::STOPPED, writer.into()))?;
+        let mut state = Vec::new();
+        match theirs {
+            Some(f) => std::io::Read::read_to_end(&mut { f }, &mut state)?,
+            None => std::io::Read::read_to_end(&mut { reader }, &mut state)?,
+        };
+        wd.guard("CHECK_DEVICE_STATE", || fe.check_device_state())?;
+        Ok(state)
+    }
+
+    /// Hands the backend a source's device state (as the destination of a migration does):
+    /// every queue must be stopped first. The backend's verdict comes from CHECK_DEVICE_STATE.
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), BlkError> {
+        use vhost::vhost_user::message::{VhostTransferStateDirection as Dir, VhostTransferStatePhase as Phase};
+        let (reader, writer) = pipe()?;
+        let (fe, wd) = (&mut self.fe, &self.watchdog);
+        let theirs =
+            wd.guard("SET_DEVICE_STATE_FD", || fe.set_device_state_fd(Dir::LOAD, Phase::STOPPED, reader.into()))?;
+        match theirs {
+            Some(f) => std::io::Write::write_all(&mut { f }, state)?,
+            None => std::io::Write::write_all(&mut { writer }, state)?,
+        }
+        wd.guard("CHECK_DEVICE_STATE", || fe.check_device_state())
     }
 
     /// Requests submitted and not yet completed on queue `q`.

@@ -35,6 +35,7 @@ const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const IOTLB_MISS: u8 = 1;
+const IOTLB_ACCESS_FAIL: u8 = 4;
 const IOTLB_UPDATE: u8 = 2;
 const IOTLB_INVALIDATE: u8 = 3;
 /// VHOST_ACCESS_RW.
@@ -105,6 +106,7 @@ pub(crate) type IovaRegions = Vec<(u64, u64, u64)>;
 pub(crate) struct MissResponder {
     stop: Arc<AtomicBool>,
     misses: Arc<AtomicU64>,
+    faults: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -115,21 +117,23 @@ impl MissResponder {
         channel.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let misses = Arc::new(AtomicU64::new(0));
+        let faults = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (stop, misses) = (stop.clone(), misses.clone());
+            let (stop, misses, faults) = (stop.clone(), misses.clone(), faults.clone());
             std::thread::Builder::new().name("viommu".into()).spawn(move || {
-                Self::run(channel, &sender, &regions, &stop, &misses);
+                Self::run(channel, &sender, &regions, &stop, [&misses, &faults]);
             })?
         };
-        Ok(Self { stop, misses, thread: Some(thread) })
+        Ok(Self { stop, misses, faults, thread: Some(thread) })
     }
 
+    /// `counts`: misses answered, access failures reported.
     fn run(
         mut channel: UnixStream,
         sender: &IotlbSender,
         regions: &IovaRegions,
         stop: &AtomicBool,
-        misses: &AtomicU64,
+        counts: [&AtomicU64; 2],
     ) {
         let mut msg = [0u8; 12 + 32];
         while !stop.load(Ordering::Relaxed) {
@@ -145,14 +149,20 @@ impl MissResponder {
             }
             let code = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
             let size = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]);
-            if code != BACKEND_IOTLB_MSG || size != 32 || msg[12 + 25] != IOTLB_MISS {
+            let kind = msg[12 + 25];
+            if code != BACKEND_IOTLB_MSG || size != 32 || !matches!(kind, IOTLB_MISS | IOTLB_ACCESS_FAIL) {
                 tracing::warn!(code, size, "unexpected backend request; the channel is dropped");
                 return;
             }
             let mut iova = [0u8; 8];
             iova.copy_from_slice(&msg[12..20]);
             let iova = u64::from_le_bytes(iova);
-            misses.fetch_add(1, Ordering::Relaxed);
+            if kind == IOTLB_ACCESS_FAIL {
+                tracing::debug!(iova, "the backend reports an IOTLB access failure");
+                counts[1].fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            counts[0].fetch_add(1, Ordering::Relaxed);
             let page = iova & !(ON_DEMAND_PAGE - 1);
             let Some(&(start, len, uaddr)) = regions.iter().find(|(s, l, _)| *s <= page && page - s < *l) else {
                 // A miss for an IOVA the guest never mapped: an IOMMU fault. Nothing is sent,
@@ -171,6 +181,11 @@ impl MissResponder {
     /// How many misses were answered.
     pub fn misses(&self) -> u64 {
         self.misses.load(Ordering::Relaxed)
+    }
+
+    /// How many access failures the backend reported.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
     }
 }
 

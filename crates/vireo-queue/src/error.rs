@@ -70,6 +70,19 @@ impl QueueError {
         }
     }
 
+    /// The IOVA and access of an IOTLB permission fault (the queue broke on it), looking
+    /// through [`QueueError::Broken`].
+    pub fn iotlb_denied(&self) -> Option<(u64, vireo_memory::Perm)> {
+        match self {
+            QueueError::Memory { source, .. } => match **source {
+                MemoryError::IotlbDenied { iova, need, .. } => Some((iova, need)),
+                _ => None,
+            },
+            QueueError::Broken(e) => e.iotlb_denied(),
+            _ => None,
+        }
+    }
+
     #[cold]
     pub(crate) fn mem(gpa: GuestPhysAddr, len: u64, source: MemoryError) -> Self {
         Self::Memory { gpa, len, source: Box::new(source) }

@@ -33,6 +33,8 @@ const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_R
 const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
+/// The most device state a destination reads (a block device's is a few dozen bytes).
+const MAX_DEVICE_STATE: u64 = 1 << 20;
 /// `struct vhost_iotlb_msg` types the frontend sends.
 const IOTLB_UPDATE: u8 = 2;
 const IOTLB_INVALIDATE: u8 = 3;
@@ -93,6 +95,9 @@ pub struct VhostUserBackend {
     status: u8,
     /// The backend channel (SET_BACKEND_REQ_FD), shared with the workers.
     channel: Arc<BackendChannel>,
+    /// A DEVICE_STATE transfer in progress: the thread that writes or reads the state, and its
+    /// verdict (CHECK_DEVICE_STATE).
+    transfer: Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
     /// IOTLB updates and invalidations received (reported when the connection ends).
     iotlb_updates: u64,
     iotlb_invalidations: u64,
@@ -144,6 +149,7 @@ impl VhostUserBackend {
             channel: Arc::new(BackendChannel::new()),
             iotlb_updates: 0,
             iotlb_invalidations: 0,
+            transfer: None,
         }
     }
 
@@ -504,7 +510,8 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::STATUS
-            | VhostUserProtocolFeatures::BACKEND_REQ)
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::DEVICE_STATE)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -632,15 +639,58 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
 
     fn set_device_state_fd(
         &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> Result<Option<File>> {
-        Err(invalid("DEVICE_STATE is not offered"))
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(invalid("device state transfer in a phase other than stopped"));
+        }
+        if self.rings.iter().any(|r| r.running) {
+            return Err(invalid("device state transfer while a ring runs"));
+        }
+        if let Some(t) = self.transfer.take() {
+            // An earlier transfer nobody checked: it is finished or fails on its own.
+            let _ = t.join();
+        }
+        let device = self.device.clone();
+        // The front-end reads (or writes) the other end after this reply, so the transfer runs
+        // on its own thread: a state larger than the pipe would otherwise block the reply.
+        let thread = std::thread::Builder::new().name("vireo-device-state".into());
+        let handle = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let state = device.save_state();
+                thread.spawn(move || {
+                    let mut fd = fd;
+                    std::io::Write::write_all(&mut fd, &state).map_err(|e| format!("writing the state: {e}"))
+                })
+            }
+            VhostTransferStateDirection::LOAD => thread.spawn(move || {
+                let mut state = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(fd, MAX_DEVICE_STATE + 1), &mut state)
+                    .map_err(|e| format!("reading the state: {e}"))?;
+                if state.len() as u64 > MAX_DEVICE_STATE {
+                    return Err("device state larger than 1 MiB".into());
+                }
+                device.load_state(&state)
+            }),
+        }
+        .map_err(VuError::ReqHandlerError)?;
+        tracing::info!(?direction, "device state transfer started");
+        self.transfer = Some(handle);
+        Ok(None)
     }
 
     fn check_device_state(&mut self) -> Result<()> {
-        Err(invalid("DEVICE_STATE is not offered"))
+        let t = self.transfer.take().ok_or_else(|| invalid("no device state transfer to check"))?;
+        match t.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => {
+                tracing::warn!(why, "device state transfer failed");
+                Err(VuError::InvalidParam)
+            }
+            Err(_) => Err(invalid("device state transfer thread panicked")),
+        }
     }
 
     fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {

@@ -17,8 +17,9 @@ const BACKEND_IOTLB_MSG: u32 = 1;
 const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Header flags: protocol version 1, no reply wanted.
 const FLAG_VERSION: u32 = 0x1;
-/// `struct vhost_iotlb_msg` type field: a miss.
+/// `struct vhost_iotlb_msg` type field: a miss, an access failure.
 const IOTLB_MISS: u8 = 1;
+const IOTLB_ACCESS_FAIL: u8 = 4;
 /// `struct vhost_iotlb_msg` is 26 bytes of fields, padded to 32 by its alignment.
 const IOTLB_MSG_SIZE: usize = 32;
 
@@ -34,6 +35,15 @@ pub enum ChannelError {
     /// The socket failed; the channel is dropped.
     #[error("backend channel failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A `struct vhost_iotlb_msg` from the backend: size (8..16) and uaddr (16..24) unused.
+fn iotlb_payload(iova: u64, perm: Perm, kind: u8) -> [u8; IOTLB_MSG_SIZE] {
+    let mut payload = [0u8; IOTLB_MSG_SIZE];
+    payload[0..8].copy_from_slice(&iova.to_le_bytes());
+    payload[24] = perm.bits();
+    payload[25] = kind;
+    payload
 }
 
 /// One connection's backend channel, shared by the control thread and the workers.
@@ -61,14 +71,15 @@ impl BackendChannel {
 
     /// Asks the frontend for the IOTLB entry covering `iova`, for `perm` access.
     pub fn iotlb_miss(&self, iova: u64, perm: Perm) -> Result<(), ChannelError> {
-        let mut payload = [0u8; IOTLB_MSG_SIZE];
-        payload[0..8].copy_from_slice(&iova.to_le_bytes());
-        // size (8..16) and uaddr (16..24) are not used in a miss.
-        payload[24] = perm.bits();
-        payload[25] = IOTLB_MISS;
-        self.send(BACKEND_IOTLB_MSG, &payload)?;
+        self.send(BACKEND_IOTLB_MSG, &iotlb_payload(iova, perm, IOTLB_MISS))?;
         self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Tells the frontend that an access at `iova` was refused by its entry's rights (the queue
+    /// broke on it).
+    pub fn iotlb_access_fail(&self, iova: u64, perm: Perm) -> Result<(), ChannelError> {
+        self.send(BACKEND_IOTLB_MSG, &iotlb_payload(iova, perm, IOTLB_ACCESS_FAIL))
     }
 
     /// IOTLB misses sent.

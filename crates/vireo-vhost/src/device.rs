@@ -22,6 +22,22 @@ pub trait Device: Send + Sync + 'static {
     /// Handles one chain from queue `queue`; returns how many bytes it wrote into the chain's
     /// writable part (the used length). `mem` is the batch's memory, for logging.
     fn handle(&self, queue: usize, chain: &Chain<'_>, mem: &Batch<'_>) -> u32;
+    /// The device's state for a migration (vhost-user DEVICE_STATE), saved on the source with
+    /// every ring stopped; what the destination's [`Device::load_state`] takes. The default is
+    /// no state.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes a source's state on the destination: an error (a state this device cannot take:
+    /// another disk, say) fails the migration through CHECK_DEVICE_STATE before the guest runs
+    /// here. The default takes only an empty state.
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes of device state for a device that has none", state.len()))
+        }
+    }
     /// An asynchronous engine for queue `queue`, or `None` to handle every chain synchronously.
     /// Called each time the queue starts; the engine lives as long as the queue's worker.
     fn engine(&self, queue: usize) -> std::io::Result<Option<Box<dyn Engine>>> {

@@ -19,8 +19,9 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfigFlags, VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
+    FrontendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -42,6 +43,8 @@ const VRING_NOFD: u64 = 0x100;
 const MEMORY_REGIONS_MAX: usize = 8;
 const CONFIG_MAX: usize = 256;
 const IOTLB_MSG_SIZE: usize = 32;
+/// SET_DEVICE_STATE_FD's reply: bit 8 says no descriptor is returned.
+const NO_FD: u64 = 0x100;
 
 /// Why a connection ends.
 #[derive(Debug, thiserror::Error)]
@@ -227,9 +230,12 @@ pub fn handle_message(backend: &mut VhostUserBackend, mut msg: Message) -> Resul
         Ok(None) => Ok(None),
         Err(Refusal(why)) => {
             tracing::warn!(request = code, why, "vhost-user request refused");
-            if code == FrontendReq::IOTLB_MSG as u32 {
-                // Its reply is a status word: a refusal is a non-zero one.
+            if code == FrontendReq::IOTLB_MSG as u32 || code == FrontendReq::CHECK_DEVICE_STATE as u32 {
+                // Their reply is a status word: a refusal is a non-zero one.
                 Ok(Some(Reply::u64(1)))
+            } else if code == FrontendReq::SET_DEVICE_STATE_FD as u32 {
+                // An error, and (bit 8) no descriptor.
+                Ok(Some(Reply::u64(NO_FD | 1)))
             } else if has_reply(code) {
                 Err(ProtocolError::Unanswerable { code, why })
             } else if need_ack {
@@ -426,13 +432,29 @@ fn dispatch(b: &mut VhostUserBackend, msg: &mut Message) -> Result<Option<Reply>
         b.iotlb_msg(u64_at(p, 0), u64_at(p, 8), u64_at(p, 16), p[24], p[25])?;
         // The spec wants the status word whether or not NEED_REPLY was set.
         return Ok(Some(Reply::u64(0)));
+    } else if is(R::SET_DEVICE_STATE_FD) {
+        want_size(msg, 8)?;
+        let direction = VhostTransferStateDirection::try_from(u32_at(p, 0))
+            .map_err(|_| refuse("unknown device state transfer direction"))?;
+        let phase = VhostTransferStatePhase::try_from(u32_at(p, 4))
+            .map_err(|_| refuse("unknown device state transfer phase"))?;
+        let file = one_file(msg)?;
+        match b.set_device_state_fd(direction, phase, file)? {
+            // Bit 8: no descriptor of the back-end's own comes back; the front-end's is used.
+            None => return Ok(Some(Reply::u64(NO_FD))),
+            Some(f) => return Ok(Some(Reply { payload: 0u64.to_le_bytes().to_vec(), files: vec![f] })),
+        }
+    } else if is(R::CHECK_DEVICE_STATE) {
+        want_size(msg, 0)?;
+        b.check_device_state()?;
+        return Ok(Some(Reply::u64(0)));
     } else if is(R::SET_BACKEND_REQ_FD) {
         want_size(msg, 0)?;
         let file = one_file(msg)?;
         b.set_backend_req_fd(UnixStream::from(std::os::fd::OwnedFd::from(file)));
     } else {
-        // SET_LOG_FD, SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects, device state: not
-        // offered, so a conforming frontend does not send them.
+        // SET_LOG_FD, SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects: not offered, so a
+        // conforming frontend does not send them.
         return Err(Refusal(format!("request {code} is not supported")));
     }
     Ok(None)

@@ -298,6 +298,11 @@ impl Served {
 
     fn break_queue(&mut self, e: &QueueError) {
         tracing::warn!(queue = self.index, error = %e, "queue broken; it stays stopped until reset");
+        if let Some((iova, perm)) = e.iotlb_denied() {
+            if let Err(err) = self.channel.iotlb_access_fail(iova, perm) {
+                tracing::debug!(error = %err, "IOTLB access failure not reported");
+            }
+        }
         if let Some(e) = self.engine.as_mut() {
             e.discard();
         }
