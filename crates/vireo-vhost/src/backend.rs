@@ -828,15 +828,28 @@ pub fn serve_opts(
         serve_client(path, &device, stop, opts);
         return Ok(());
     }
-    use std::sync::atomic::Ordering::Relaxed;
     let listen_err = |e: std::io::Error| ServeError::Listen { path: path.display().to_string(), source: e };
     // A stale socket file (a killed predecessor) is replaced; the caller checks that no live
     // backend answers on it first.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(listen_err)?;
-    listener.set_nonblocking(true).map_err(listen_err)?;
     tracing::info!(socket = %path.display(), "listening");
-    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let served = serve_listener(&listener, device, stop, opts).map_err(listen_err);
+    let _ = std::fs::remove_file(path);
+    served
+}
+
+/// Serves `device` on a listening socket someone else made (vhost-user's `--fd`: a management
+/// layer bound it and passed it down), one frontend at a time, until `stop` is set.
+pub fn serve_listener(
+    listener: &UnixListener,
+    device: Arc<dyn Device>,
+    stop: &std::sync::atomic::AtomicBool,
+    opts: &ServeOptions,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    listener.set_nonblocking(true)?;
+    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(listener);
     while !stop.load(Relaxed) {
         match listener.accept() {
             Ok((sock, _)) => {
@@ -856,7 +869,6 @@ pub fn serve_opts(
             }
         }
     }
-    let _ = std::fs::remove_file(path);
     Ok(())
 }
 

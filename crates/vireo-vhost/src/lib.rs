@@ -24,6 +24,8 @@ mod device;
 pub mod dispatch;
 mod worker;
 
-pub use backend::{serve, serve_opts, serve_stream, serve_with, ServeError, ServeOptions, VhostUserBackend};
+pub use backend::{
+    serve, serve_listener, serve_opts, serve_stream, serve_with, ServeError, ServeOptions, VhostUserBackend,
+};
 pub use channel::{BackendChannel, ChannelError};
 pub use device::{Device, Engine};

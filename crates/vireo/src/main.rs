@@ -53,8 +53,16 @@ enum Command {
 struct BlkArgs {
     /// The vhost-user socket to listen on (created; removed on exit), or with --client the
     /// frontend's socket to connect to.
+    #[arg(long, required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    socket_path: Option<std::path::PathBuf>,
+    /// The vhost-user socket is this inherited file descriptor (vhost-user's backend
+    /// conventions): a listening socket is served one frontend at a time, a connected one is
+    /// served until that frontend goes away.
+    #[arg(long, conflicts_with = "client")]
+    fd: Option<i32>,
+    /// Print the backend's capabilities as vhost-user.json describes them and exit.
     #[arg(long)]
-    socket_path: std::path::PathBuf,
+    print_capabilities: bool,
     /// Connect to the frontend's socket (QEMU's `-chardev socket,server=on`) instead of
     /// listening, and connect again with backoff (50 ms doubling to 2 s) whenever the
     /// connection ends or the socket is not there yet.
@@ -64,8 +72,9 @@ struct BlkArgs {
     /// Default: one thread per queue.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
-    /// The raw image file or block device to serve.
-    #[arg(long, conflicts_with = "null", required_unless_present = "null")]
+    /// The raw image file or block device to serve (`--blk-file`, the vhost-user-blk
+    /// convention's name, is the same option).
+    #[arg(long, alias = "blk-file", conflicts_with = "null", required_unless_present_any = ["null", "print_capabilities"])]
     image: Option<std::path::PathBuf>,
     /// Serve a null device of this size instead (k/m/g suffixes): writes are dropped, reads
     /// return whatever the buffer held, like QEMU's null-co. For measuring the data path alone.
@@ -119,11 +128,51 @@ enum BlkError {
     Signals(std::io::Error),
     #[error(transparent)]
     Device(#[from] vireo_blk::BlkError),
+    #[error("--fd {fd}: {why}")]
+    Fd { fd: i32, why: String },
+}
+
+/// `--print-capabilities`: the vhost-user.json capabilities of a block backend. The schema
+/// defines `read-only` for vhost-user-blk; the rest of what Vireo does is negotiated.
+const CAPABILITIES: &str = r#"{
+  "type": "block",
+  "features": [
+    "read-only"
+  ]
+}"#;
+
+/// Takes over the inherited descriptor `fd` as the vhost-user socket.
+fn inherited_socket(fd: i32) -> Result<Socket, BlkError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let bad = |why: &str| BlkError::Fd { fd, why: why.to_string() };
+    if fd < 3 {
+        return Err(bad("not an inherited descriptor (0, 1 and 2 are stdio)"));
+    }
+    // SAFETY: the only check a process can make that `fd` is open is to ask the kernel about
+    // it, which needs a borrowed descriptor for the duration of the call; nothing is done with
+    // it if it is not open.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let listening =
+        rustix::net::sockopt::socket_acceptconn(borrowed).map_err(|e| bad(&format!("not a socket: {e}")))?;
+    // SAFETY: `fd` is an open socket (checked above) that the process was started with for this
+    // purpose; nothing else in the process owns it, so this takes sole ownership.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(if listening { Socket::Listener(owned.into()) } else { Socket::Stream(owned.into()) })
+}
+
+enum Socket {
+    Listener(std::os::unix::net::UnixListener),
+    Stream(std::os::unix::net::UnixStream),
 }
 
 fn blk(a: BlkArgs) -> Result<(), BlkError> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
+    if a.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    let inherited = a.fd.map(inherited_socket).transpose()?;
     let storage = match (&a.image, a.null) {
         (Some(path), _) => {
             let file = std::fs::OpenOptions::new()
@@ -146,8 +195,10 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
         (None, None) => unreachable!("clap requires --image or --null"),
     };
     // A socket another backend listens on must not be stolen from it.
-    if !a.client && std::os::unix::net::UnixStream::connect(&a.socket_path).is_ok() {
-        return Err(BlkError::InUse(a.socket_path.display().to_string()));
+    if let Some(path) = a.socket_path.as_ref().filter(|_| !a.client) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BlkError::InUse(path.display().to_string()));
+        }
     }
     let device = vireo_blk::BlkDevice::new(
         storage,
@@ -165,7 +216,14 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
         signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
     }
     let opts = vireo_vhost::ServeOptions { poll: a.poll, threads: a.threads.map(usize::from), client: a.client };
-    vireo_vhost::serve_opts(&a.socket_path, Arc::new(device), &stop, &opts)?;
+    let device: Arc<dyn vireo_vhost::Device> = Arc::new(device);
+    match (inherited, &a.socket_path) {
+        (Some(Socket::Listener(l)), _) => vireo_vhost::serve_listener(&l, device, &stop, &opts)
+            .map_err(|e| BlkError::Fd { fd: a.fd.unwrap_or(-1), why: e.to_string() })?,
+        (Some(Socket::Stream(s)), _) => vireo_vhost::serve_stream(s, device, &stop, &opts),
+        (None, Some(path)) => vireo_vhost::serve_opts(path, device, &stop, &opts)?,
+        (None, None) => unreachable!("clap requires --socket-path or --fd"),
+    }
     Ok(())
 }
 

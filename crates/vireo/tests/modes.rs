@@ -35,6 +35,18 @@ impl Scratch {
         self.child = Some(child);
     }
 
+    /// Starts `vireo blk` with exactly `args` (no socket path added).
+    fn spawn_raw(&mut self, args: &[&str]) {
+        let child = Command::new(env!("CARGO_BIN_EXE_vireo"))
+            .arg("blk")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vireo");
+        self.child = Some(child);
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -137,4 +149,51 @@ fn sigterm_with_a_frontend_connected_exits_and_removes_the_socket() {
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "the socket is removed");
     drop(dev);
+}
+
+/// Keeps `fd` open across exec (the child inherits it, as from a management layer).
+fn inheritable(fd: &impl std::os::fd::AsFd) -> String {
+    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()).unwrap();
+    std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()).to_string()
+}
+
+/// vhost-user's backend conventions: `--fd` with an inherited listening socket (served one
+/// frontend after another) or an inherited connected one (served until it goes, then exit), and
+/// `--print-capabilities`.
+#[test]
+fn inherited_sockets_and_capabilities() {
+    let opts = BlkOptions { queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
+    let mut s = Scratch::new("fd-listen");
+    let path = s.dir.join("made-by-someone-else.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    s.spawn_raw(&["--null", "8M", "--fd", &inheritable(&listener)]);
+    drop(listener);
+    for round in 0..2 {
+        let mut dev = BlkDevice::connect(&path, &opts).unwrap();
+        exercise(&mut dev, 40 + round);
+    }
+
+    let mut s = Scratch::new("fd-stream");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    s.spawn_raw(&["--null", "8M", "--fd", &inheritable(&theirs)]);
+    drop(theirs);
+    let mut dev = BlkDevice::with_stream(ours, &opts).unwrap();
+    exercise(&mut dev, 50);
+    drop(dev);
+    let mut child = s.child.take().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "vireo did not exit when its only frontend went away");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vireo")).args(["blk", "--print-capabilities"]).output().unwrap();
+    assert!(out.status.success());
+    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["type"], "block");
+    assert!(caps["features"].as_array().unwrap().contains(&serde_json::json!("read-only")));
 }
