@@ -1,4 +1,4 @@
-//! Inflight I/O tracking for split rings (vhost-user `INFLIGHT_SHMFD`): a record, in memory the
+//! Inflight I/O tracking for split rings (packed rings: `inflight_packed.rs`) (vhost-user `INFLIGHT_SHMFD`): a record, in memory the
 //! frontend keeps across backend restarts, of which chains the device has taken from the
 //! available ring and not yet returned, so that a backend killed mid-request and started again
 //! resubmits exactly those: none lost, none completed twice.
@@ -62,7 +62,12 @@ impl InflightRegion {
         }
     }
 
-    fn slice(&self) -> GuestSlice<'_> {
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn slice(&self) -> GuestSlice<'_> {
         // SAFETY: offset + len <= map.len() (checked in `new`), and the Arc keeps the mapping
         // alive (it is never retired: only Drop unmaps it) for as long as `self` lives. The
         // frontend may write it concurrently; GuestSlice only does volatile accesses.
@@ -73,7 +78,7 @@ impl InflightRegion {
     }
 }
 
-fn region_err(_: vireo_memory::MemoryError) -> QueueError {
+pub(crate) fn region_err(_: vireo_memory::MemoryError) -> QueueError {
     QueueError::Config { what: "inflight region too small for the queue" }
 }
 

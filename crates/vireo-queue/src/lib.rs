@@ -23,6 +23,7 @@
 mod chain;
 mod error;
 mod inflight;
+mod inflight_packed;
 mod queue;
 mod rings;
 
@@ -31,4 +32,5 @@ pub use chain::{
 };
 pub use error::QueueError;
 pub use inflight::{split_region_size, InflightRegion, INFLIGHT_ALIGN};
+pub use inflight_packed::packed_region_size;
 pub use queue::{vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, UsedToken, MAX_QUEUE_SIZE};

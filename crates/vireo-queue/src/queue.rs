@@ -11,6 +11,7 @@ use crate::chain::{
 };
 use crate::error::QueueError;
 use crate::inflight::{Inflight, InflightRegion};
+use crate::inflight_packed::PackedInflight;
 use crate::rings::{Area, Direct, Layout, RingAccess, Translated};
 
 /// The largest queue virtio allows.
@@ -103,6 +104,8 @@ pub struct Queue {
     signalled: u16,
     /// Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), when the frontend gave a region.
     inflight: Option<Box<Inflight>>,
+    /// The same for a packed ring, whose region keeps copies of the descriptors in flight.
+    packed_inflight: Option<Box<PackedInflight>>,
     /// The negotiated features, recorded in a fresh inflight region.
     inflight_features: u64,
 }
@@ -171,6 +174,7 @@ impl Queue {
             broken: None,
             signalled: 0,
             inflight: None,
+            packed_inflight: None,
             inflight_features: 0,
         })
     }
@@ -248,12 +252,14 @@ impl Queue {
     /// Tracks the chains in flight in `region` (vhost-user INFLIGHT_SHMFD), a region that
     /// outlives the backend process. On the first batch the queue reconciles it with the used
     /// ring and hands out again, oldest first, every chain a previous backend took and did not
-    /// complete; its next available index then follows them. Split rings only.
+    /// complete; its next available index then follows them. The region's layout is the split
+    /// one ([`crate::split_region_size`]) or the packed one ([`crate::packed_region_size`]).
     pub fn set_inflight(&mut self, region: InflightRegion, features: u64) -> Result<(), QueueError> {
         if self.is_packed() {
-            return Err(QueueError::Config { what: "inflight tracking is implemented for split rings only" });
+            self.packed_inflight = Some(Box::new(PackedInflight::new(region, self.cfg.size)?));
+        } else {
+            self.inflight = Some(Box::new(Inflight::new(region, self.cfg.size)?));
         }
-        self.inflight = Some(Box::new(Inflight::new(region, self.cfg.size)?));
         self.inflight_features = features;
         Ok(())
     }
@@ -261,6 +267,7 @@ impl Queue {
     /// Chains a restarted backend still has to hand out again (from the inflight region).
     pub fn resubmissions_pending(&self) -> usize {
         self.inflight.as_ref().map_or(0, |i| i.resubmit.len())
+            + self.packed_inflight.as_ref().map_or(0, |i| i.resubmit.len())
     }
 
     /// Moves on every IOTLB change: a queue parked on a miss retries once it has moved since
@@ -344,9 +351,13 @@ impl Queue {
             batch_used_start: 0,
             logging: mb.logging(),
             inflight: self.inflight.as_deref_mut(),
+            packed_inflight: self.packed_inflight.as_deref_mut(),
         };
         if qb.inflight.as_ref().is_some_and(|i| !i.recovered) {
             qb.recover_inflight(self.inflight_features)?;
+        }
+        if qb.packed_inflight.as_ref().is_some_and(|i| !i.recovered) {
+            qb.recover_packed_inflight(self.inflight_features)?;
         }
         let r = f(&mut qb);
         let notify = qb.finish()?;
@@ -380,6 +391,7 @@ pub struct QueueBatch<'b, 'q> {
     /// Whether this batch logs (read once: logging cannot change under a running batch).
     logging: bool,
     inflight: Option<&'b mut Inflight>,
+    packed_inflight: Option<&'b mut PackedInflight>,
 }
 
 macro_rules! with_access {
@@ -442,6 +454,81 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         Ok(())
     }
 
+    #[cold]
+    fn recover_packed_inflight(&mut self, features: u64) -> Result<(), QueueError> {
+        let (used, used_wrap) = (self.state.next_used, self.state.used_wrap);
+        let Some(inf) = self.packed_inflight.as_deref_mut() else { return Ok(()) };
+        let access = &self.access;
+        let flags_at = |slot: u16| {
+            let off = 16 * usize::from(slot) + 14;
+            let f = match access {
+                Access::Direct(d) => d.read::<u16>(Area::Desc, off),
+                Access::Translated(t) => t.read::<u16>(Area::Desc, off),
+            };
+            f.map(u16::from_le)
+        };
+        let resume = inf.recover(features, used, used_wrap, flags_at);
+        let resume = resume.map_err(|e| self.fail(e))?;
+        if let Some(r) = resume {
+            let count = self.packed_inflight.as_ref().map_or(0, |i| i.resubmit.len());
+            tracing::info!(
+                resubmit = count,
+                used = r.used,
+                "inflight chains from a previous backend will be resubmitted"
+            );
+            *self.state = QueueState {
+                next_avail: r.next_avail,
+                avail_wrap: r.avail_wrap,
+                next_used: r.used,
+                used_wrap: r.used_wrap,
+            };
+            *self.signalled = r.used;
+        }
+        Ok(())
+    }
+
+    /// Hands out again a packed chain a previous backend took and did not complete, from the
+    /// copies of its descriptors in the inflight region.
+    #[cold]
+    fn pop_resubmit_packed(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
+        let Some(inf) = self.packed_inflight.as_deref() else { return Ok(None) };
+        let Some(&head) = inf.resubmit.front() else { return Ok(None) };
+        let res = inf.chain_entries(head).and_then(|(entries, id)| {
+            let num = u16::try_from(entries.len()).unwrap_or(u16::MAX);
+            let (walked_id, count) = walk_packed(self.mem, num, self.segs, |i| inf.copy(entries[usize::from(i)]))?;
+            if count != num || walked_id != id {
+                return Err(QueueError::Config { what: "inflight copies do not form the recorded chain" });
+            }
+            Ok((id, num))
+        });
+        match res {
+            Ok((id, num)) => {
+                if let Some(i) = self.packed_inflight.as_mut() {
+                    i.resubmit.pop_front();
+                }
+                Ok(Some(Chain::new(id, num, self.segs)))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Records a packed chain just taken from ring slots `head_slot..+count`: its descriptors are
+    /// copied into the inflight region while the ring still holds them.
+    #[cold]
+    fn packed_take(&mut self, head_slot: u16, count: u16) -> Result<(), QueueError> {
+        let size = self.cfg.size;
+        let mut descs = Vec::with_capacity(usize::from(count));
+        let mut slot = head_slot;
+        for _ in 0..count {
+            descs.push(with_access!(self, r => read_desc(r, slot))?);
+            slot = if slot + 1 == size { 0 } else { slot + 1 };
+        }
+        match self.packed_inflight.as_mut().map(|i| i.take(&descs)) {
+            Some(Err(e)) => Err(self.fail(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Hands out again a chain a previous backend took and did not complete.
     #[cold]
     fn pop_resubmit(&mut self) -> Result<Option<Chain<'_>>, QueueError> {
@@ -486,6 +573,10 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 return self.pop_resubmit();
             }
         }
+        if self.packed_inflight.as_ref().is_some_and(|i| !i.resubmit.is_empty()) {
+            return self.pop_resubmit_packed();
+        }
+        let head_slot = self.state.next_avail;
         // The common shape, on the cached path: a known-available entry whose head is one
         // direct descriptor in one region. Anything else (or any doubt) takes the general walker,
         // which starts over and does every check; nothing is changed unless this succeeds.
@@ -511,6 +602,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             Ok(Some((id, ring_descs))) => {
                 if self.inflight.is_some() {
                     self.inflight_record(id, Inflight::mark)?;
+                }
+                if self.packed_inflight.is_some() {
+                    self.packed_take(head_slot, ring_descs)?;
                 }
                 Ok(Some(Chain::new(id, ring_descs, self.segs)))
             }
@@ -599,6 +693,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         res.map_err(|e| self.fail(e))?;
         if self.inflight.is_some() {
             self.inflight_record(token.id, Inflight::link)?;
+        }
+        if let Some(Err(e)) = self.packed_inflight.as_mut().map(|i| i.complete(token.id)) {
+            return Err(self.fail(e));
         }
         self.used_added = self.used_added.wrapping_add(1);
         Ok(())
@@ -709,11 +806,17 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             }),
             Kind::Packed { ref mut first_used_flags } => {
                 let first = first_used_flags.take();
+                if let Some(inf) = self.packed_inflight.as_mut() {
+                    inf.publishing(self.state.next_used, self.state.used_wrap)?;
+                }
                 with_access!(self, r => {
                     if let Some((slot, flags)) = first {
                         // Release: the used descriptors written in this batch become visible
                         // before the first one's flags make them available to the driver.
                         r.store_u16(Area::Desc, 16 * usize::from(slot) + 14, flags.to_le(), Ordering::Release)?;
+                    }
+                    if let Some(inf) = self.packed_inflight.as_mut() {
+                        inf.published(self.state.next_used, self.state.used_wrap)?;
                     }
                     fence(Ordering::SeqCst);
                     let flags = u16::from_le(r.load_u16(Area::Driver, 2, Ordering::Acquire)?);
@@ -943,6 +1046,49 @@ fn walk_split<R: RingAccess>(
     Ok(())
 }
 
+/// Validates a packed chain whose descriptors `desc(i)` yields in order (from the ring, or from
+/// the copies an inflight region keeps) and resolves it into `segs`; at most `limit` ring
+/// descriptors. Returns the buffer id and how many ring descriptors the chain used.
+#[inline]
+fn walk_packed(
+    mem: &Batch<'_>,
+    limit: u16,
+    segs: &mut Segments,
+    mut desc: impl FnMut(u16) -> Result<Descriptor, QueueError>,
+) -> Result<(u16, u16), QueueError> {
+    segs.clear();
+    let mut count = 0u16;
+    loop {
+        let d = desc(count)?;
+        let (buf_id, flags) = (d.flags_or_id, d.next_or_flags);
+        count += 1;
+        if flags & DESC_F_INDIRECT != 0 {
+            if count != 1 || flags & DESC_F_NEXT != 0 {
+                return Err(QueueError::Indirect { head: buf_id, what: "indirect descriptor inside a chain" });
+            }
+            let n = indirect_entries(buf_id, &d)?;
+            let table = Table::new(mem, d.addr, d.len);
+            for j in 0..n {
+                let t = table.entry(j)?;
+                // In a packed indirect table the second u16 holds the flags.
+                let tflags = t.next_or_flags;
+                if tflags & DESC_F_INDIRECT != 0 {
+                    return Err(QueueError::Indirect { head: buf_id, what: "nested indirect table" });
+                }
+                segs.push(mem, buf_id, t.addr, t.len, tflags & DESC_F_WRITE != 0)?;
+            }
+            return Ok((buf_id, count));
+        }
+        segs.push(mem, buf_id, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
+        if flags & DESC_F_NEXT == 0 {
+            return Ok((buf_id, count));
+        }
+        if count >= limit {
+            return Err(QueueError::ChainTooLong { head: buf_id, limit: u32::from(limit) });
+        }
+    }
+}
+
 /// The descriptor at the device's next available slot, if the driver has made it available.
 #[inline]
 fn packed_available<R: RingAccess>(r: &R, size: u16, state: &QueueState) -> Result<Option<u16>, QueueError> {
@@ -969,43 +1115,13 @@ fn pop_packed<R: RingAccess>(
     if packed_available(r, size, state)?.is_none() {
         return Ok(None);
     }
-    segs.clear();
     let head_slot = state.next_avail;
-    let mut slot = head_slot;
-    let mut count = 0u16;
-    let id;
-    loop {
-        let d = read_desc(r, slot)?;
-        let (buf_id, flags) = (d.flags_or_id, d.next_or_flags);
-        count += 1;
-        if flags & DESC_F_INDIRECT != 0 {
-            if count != 1 || flags & DESC_F_NEXT != 0 {
-                return Err(QueueError::Indirect { head: buf_id, what: "indirect descriptor inside a chain" });
-            }
-            let n = indirect_entries(buf_id, &d)?;
-            let table = Table::new(mem, d.addr, d.len);
-            for j in 0..n {
-                let t = table.entry(j)?;
-                // In a packed indirect table the second u16 holds the flags.
-                let tflags = t.next_or_flags;
-                if tflags & DESC_F_INDIRECT != 0 {
-                    return Err(QueueError::Indirect { head: buf_id, what: "nested indirect table" });
-                }
-                segs.push(mem, buf_id, t.addr, t.len, tflags & DESC_F_WRITE != 0)?;
-            }
-            id = buf_id;
-            break;
-        }
-        segs.push(mem, buf_id, d.addr, d.len, flags & DESC_F_WRITE != 0)?;
-        if flags & DESC_F_NEXT == 0 {
-            id = buf_id;
-            break;
-        }
-        if count >= size {
-            return Err(QueueError::ChainTooLong { head: buf_id, limit: u32::from(size) });
-        }
-        slot = if slot + 1 == size { 0 } else { slot + 1 };
-    }
+    let (id, count) = walk_packed(mem, size, segs, |i| {
+        // i < size, so the slot stays below 2 * size before the wrap.
+        let slot = u32::from(head_slot) + u32::from(i);
+        let slot = if slot >= u32::from(size) { slot - u32::from(size) } else { slot };
+        read_desc(r, u16::try_from(slot).unwrap_or(0))
+    })?;
     let (next, wrapped) = advance(head_slot, count, size);
     state.next_avail = next;
     state.avail_wrap ^= wrapped;

@@ -10,23 +10,32 @@ use std::sync::Arc;
 
 use common::Bench;
 use proptest::prelude::*;
+use vireo_memory::GuestPhysAddr;
 use vireo_memory::Mapping;
-use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, UsedToken};
+use vireo_queue::{packed_region_size, split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs, UsedToken};
 
-fn inflight_area(size: u16) -> (Arc<Mapping>, std::os::fd::OwnedFd) {
-    let len = split_region_size(size);
+fn region_size(packed: bool, size: u16) -> u64 {
+    if packed {
+        packed_region_size(size)
+    } else {
+        split_region_size(size)
+    }
+}
+
+fn inflight_area(packed: bool, size: u16) -> (Arc<Mapping>, std::os::fd::OwnedFd) {
+    let len = region_size(packed, size);
     let fd = vireo_memory::memfd("inflight", len).unwrap();
     let map = Arc::new(Mapping::from_fd(std::os::fd::AsFd::as_fd(&fd), 0, len).unwrap());
     (map, fd)
 }
 
 /// A fresh queue on the bench's rings, as a restarted backend builds it: SET_VRING_BASE with the
-/// used index (what QEMU sends after a backend died), then the inflight region.
-fn restart(b: &Bench, size: u16, area: &Arc<Mapping>, used: u16) -> Queue {
+/// used position (what QEMU sends after a backend died), then the inflight region.
+fn restart(b: &Bench, packed: bool, size: u16, area: &Arc<Mapping>, used: u16) -> Queue {
     let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false, ring_log_addr: None };
     let mut q = Queue::new(b.mem.register_queue(), cfg).unwrap();
-    q.set_vring_base(u32::from(used)).unwrap();
-    let len = usize::try_from(split_region_size(size)).unwrap();
+    q.set_vring_base(b.drv.restart_base(used)).unwrap();
+    let len = usize::try_from(region_size(packed, size)).unwrap();
     q.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();
     q
 }
@@ -74,15 +83,24 @@ fn run(q: &mut Queue, steps: &[Step], taken: &mut Vec<UsedToken>, completed: &mu
     }
 }
 
-fn crash_and_recover(size: u16, chains: u16, before: &[Step]) {
-    let mut b = Bench::new(false, size, 1 << 20);
-    let (area, _fd) = inflight_area(size);
-    let len = usize::try_from(split_region_size(size)).unwrap();
+/// On a packed ring chain `i` has `1 + i % 3` descriptors (or one indirect descriptor when
+/// `i % 5 == 4`): its copies in the region are what is resubmitted.
+fn crash_and_recover(packed: bool, size: u16, chains: u16, before: &[Step]) {
+    let mut b = Bench::new(packed, size, 1 << 20);
+    let (area, _fd) = inflight_area(packed, size);
+    let len = usize::try_from(region_size(packed, size)).unwrap();
     b.queue.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();
     let mut ids = Vec::new();
-    for _ in 0..chains {
-        let buf = b.buffer(64, false, 1);
-        ids.push(b.drv.add(&mut b.ram, &[buf], false).unwrap());
+    let mut ring_descs = 0u16;
+    for i in 0..chains {
+        let (n, indirect) = if packed { (1 + i % 3, i % 5 == 4) } else { (1, false) };
+        let ring_n = if indirect { 1 } else { n };
+        if ring_descs + ring_n > size {
+            break;
+        }
+        ring_descs += ring_n;
+        let bufs: Vec<_> = (0..n).map(|j| b.buffer(64, j + 1 == n, 1)).collect();
+        ids.push(b.drv.add(&mut b.ram, &bufs, indirect).unwrap());
     }
     b.drv.publish(&b.ram);
 
@@ -96,7 +114,7 @@ fn crash_and_recover(size: u16, chains: u16, before: &[Step]) {
     assert_eq!(seen, completed);
     // "Crash": the queue goes away with `taken` in flight.
     let used = u16::try_from(completed.len()).unwrap();
-    let mut q = restart(&b, size, &area, used);
+    let mut q = restart(&b, packed, size, &area, used);
     assert!(q.resubmissions_pending() == 0, "recovery runs in the first batch");
     let mut again = Vec::new();
     q.process(|qb| {
@@ -128,17 +146,23 @@ fn crash_and_recover(size: u16, chains: u16, before: &[Step]) {
 
 #[test]
 fn restart_resubmits_what_was_taken_and_not_completed() {
-    crash_and_recover(16, 12, &[Step::Take(8), Step::CompleteNewest(3), Step::Take(2), Step::Complete(1)]);
+    for packed in [false, true] {
+        crash_and_recover(packed, 16, 12, &[Step::Take(8), Step::CompleteNewest(3), Step::Take(2), Step::Complete(1)]);
+    }
 }
 
 #[test]
 fn restart_with_nothing_in_flight_resumes_at_the_used_index() {
-    crash_and_recover(16, 10, &[Step::Take(6), Step::Complete(6)]);
+    for packed in [false, true] {
+        crash_and_recover(packed, 16, 10, &[Step::Take(6), Step::Complete(6)]);
+    }
 }
 
 #[test]
 fn restart_after_a_wrap() {
-    crash_and_recover(8, 8, &[Step::Take(8), Step::Complete(7), Step::Take(1)]);
+    for packed in [false, true] {
+        crash_and_recover(packed, 8, 8, &[Step::Take(8), Step::Complete(7), Step::Take(1)]);
+    }
 }
 
 /// A crash after the used index was published but before the region recorded it: the last
@@ -147,7 +171,7 @@ fn restart_after_a_wrap() {
 fn crash_between_used_index_and_record() {
     let size = 16u16;
     let mut b = Bench::new(false, size, 1 << 20);
-    let (area, _fd) = inflight_area(size);
+    let (area, _fd) = inflight_area(false, size);
     let len = usize::try_from(split_region_size(size)).unwrap();
     b.queue.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();
     for _ in 0..5 {
@@ -167,7 +191,7 @@ fn crash_between_used_index_and_record() {
             area.as_ptr().add(16 + 16 * usize::from(id)).write_volatile(1);
         }
     }
-    let mut q = restart(&b, size, &area, 3);
+    let mut q = restart(&b, false, size, &area, 3);
     let mut again = Vec::new();
     q.process(|qb| {
         while let Some(c) = qb.pop().unwrap() {
@@ -192,7 +216,68 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn any_crash_point_loses_nothing_and_duplicates_nothing(before in steps(), chains in 1u16..16) {
-        crash_and_recover(16, chains, &before);
+    fn any_crash_point_loses_nothing_and_duplicates_nothing(before in steps(), chains in 1u16..16, packed: bool) {
+        crash_and_recover(packed, 16, chains, &before);
+    }
+}
+
+/// Packed rings: a crash inside the publication of a batch (the ring's first used flags stored
+/// or not, the region's `old_*` fields and the heads' `inflight` bytes not yet updated).
+/// Published, the batch counts as done; not published, its chains are resubmitted.
+#[test]
+fn packed_crash_inside_a_publication() {
+    for published in [true, false] {
+        let size = 16u16;
+        let mut b = Bench::new(true, size, 1 << 20);
+        let (area, _fd) = inflight_area(true, size);
+        let len = usize::try_from(packed_region_size(size)).unwrap();
+        b.queue.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();
+        for _ in 0..5 {
+            let buf = b.buffer(64, true, 1);
+            b.drv.add(&mut b.ram, &[buf], false).unwrap();
+        }
+        b.drv.publish(&b.ram);
+        let (mut taken, mut completed) = (Vec::new(), Vec::new());
+        run(&mut b.queue, &[Step::Take(5)], &mut taken, &mut completed);
+        let committed: Vec<u8> = (12..22)
+            // SAFETY: the test owns the mapping and nothing else runs on it; bytes 12..22 are in
+            // the region's 32-byte header.
+            .map(|i| unsafe { area.as_ptr().add(i).read_volatile() })
+            .collect();
+        run(&mut b.queue, &[Step::Complete(3)], &mut taken, &mut completed);
+        // SAFETY: as above; the header bytes and the first three entries' `inflight` bytes (32
+        // bytes per entry after the header) are inside the region.
+        unsafe {
+            for i in [14usize, 15, 18, 19, 21] {
+                area.as_ptr().add(i).write_volatile(committed[i - 12]);
+            }
+            // The first five entries are the heads, taken in order from a fresh list.
+            for e in 0..3usize {
+                area.as_ptr().add(32 + 32 * e).write_volatile(1);
+            }
+        }
+        if !published {
+            // The first used descriptor's flags back to what the driver made available (wrap 1:
+            // AVAIL set, USED clear): the driver never saw the batch.
+            let RingAddrs::Packed { desc, .. } = b.drv.addrs() else { unreachable!() };
+            b.ram.write(GuestPhysAddr::new(desc.raw() + 14), &(1u16 << 7).to_le_bytes()).unwrap();
+        }
+        let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false, ring_log_addr: None };
+        let mut q = Queue::new(b.mem.register_queue(), cfg).unwrap();
+        q.set_vring_base(1 << 15).unwrap(); // slot 0, wrap counter 1
+        q.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();
+        let mut again = Vec::new();
+        q.process(|qb| {
+            while let Some(c) = qb.pop().unwrap() {
+                again.push(c.token().id);
+            }
+        })
+        .unwrap();
+        let expect: Vec<u16> = if published {
+            taken.iter().map(|t| t.id).collect()
+        } else {
+            completed.iter().copied().chain(taken.iter().map(|t| t.id)).collect()
+        };
+        assert_eq!(again, expect, "published={published}");
     }
 }

@@ -16,7 +16,7 @@ use vhost::vhost_user::{Error as VuError, GpuBackend, VhostUserBackendReqHandler
 use vhost::VhostUserMemoryRegionBase;
 use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, IotlbEntry, Perm, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
-use vireo_queue::{split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
+use vireo_queue::{packed_region_size, split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
 use crate::channel::BackendChannel;
 use crate::device::Device;
@@ -254,11 +254,11 @@ impl VhostUserBackend {
             VuError::InvalidParam
         })?;
         queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
-        if let Some((area, queue_size)) = self.inflight.as_ref().filter(|_| !packed) {
+        if let Some((area, queue_size)) = self.inflight.as_ref() {
             if r.size > *queue_size {
                 return Err(invalid("ring larger than the inflight area's queue size"));
             }
-            let len = split_region_size(*queue_size);
+            let len = self.inflight_region_size(*queue_size);
             let region = usize::try_from(len * index as u64)
                 .ok()
                 .zip(usize::try_from(len).ok())
@@ -291,6 +291,16 @@ impl VhostUserBackend {
         self.rings[index].stopped = None;
         tracing::debug!(queue = index, "queue started");
         Ok(())
+    }
+
+    /// One queue's part of the inflight area, in the layout of the negotiated ring kind (the
+    /// features are set before the frontend asks for the area).
+    fn inflight_region_size(&self, queue_size: u16) -> u64 {
+        if self.acked_features & VIRTIO_F_RING_PACKED != 0 {
+            packed_region_size(queue_size)
+        } else {
+            split_region_size(queue_size)
+        }
     }
 
     /// The protocol features the frontend acknowledged.
@@ -562,12 +572,6 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
     }
 
     fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        if self.acked_features & VIRTIO_F_RING_PACKED != 0 {
-            // QEMU asks for the area whatever the ring layout and cannot start the device if it
-            // is refused. The area is handed out, but packed queues do not track in it: after a
-            // backend crash their requests in flight are not resubmitted.
-            tracing::warn!("inflight tracking is implemented for split rings only; packed rings run without it");
-        }
         if usize::from(inflight.num_queues) > self.rings.len()
             || inflight.queue_size == 0
             || inflight.queue_size > self.device.max_queue_size()
@@ -575,14 +579,14 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             return Err(invalid("inflight area for more or larger queues than the device has"));
         }
         // Zeroed memory: every queue region starts "fresh" (version 0), nothing in flight.
-        let size = split_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
+        let size = self.inflight_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
         let fd = vireo_memory::memfd("vireo-inflight", size).map_err(VuError::ReqHandlerError)?;
         tracing::info!(queues = inflight.num_queues, queue_size = inflight.queue_size, size, "inflight area created");
         Ok((VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size), File::from(fd)))
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
-        let need = split_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
+        let need = self.inflight_region_size(inflight.queue_size) * u64::from(inflight.num_queues);
         if inflight.mmap_size < need || inflight.queue_size == 0 {
             return Err(invalid("inflight area smaller than its queues need"));
         }

@@ -68,7 +68,18 @@ fn data(n: u64) -> Vec<u8> {
 
 #[test]
 fn sigkill_during_writes_loses_nothing_and_completes_nothing_twice() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("vireo-reconnect-{}", std::process::id()));
+    sigkill_during_writes(false);
+}
+
+/// The same on packed rings, whose inflight region keeps copies of the descriptors in flight
+/// (the ring itself has been written over by completions).
+#[test]
+fn sigkill_during_writes_on_packed_rings() {
+    sigkill_during_writes(true);
+}
+
+fn sigkill_during_writes(packed: bool) {
+    let dir: PathBuf = std::env::temp_dir().join(format!("vireo-reconnect-{packed}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (sock, image) = (dir.join("vhost.sock"), dir.join("disk.img"));
@@ -81,6 +92,7 @@ fn sigkill_during_writes_loses_nothing_and_completes_nothing_twice() {
         slots: 32,
         max_request: BLOCK,
         inflight: true,
+        packed,
         ..BlkOptions::default()
     };
     let mut dev = None;
@@ -90,6 +102,7 @@ fn sigkill_during_writes_loses_nothing_and_completes_nothing_twice() {
     });
     let mut dev = dev.unwrap();
     assert_eq!(dev.num_queues(), 2);
+    assert_eq!(dev.features() & (1 << 34) != 0, packed);
 
     // (queue, slot) -> write number, for the writes in flight.
     let mut in_flight: HashMap<(usize, u16), u64> = HashMap::new();

@@ -42,6 +42,16 @@ impl Driver {
         }
     }
 
+    /// What a frontend sends in SET_VRING_BASE after the backend died: split, the used index
+    /// (`completed`, what the driver has consumed); packed, the device position the driver
+    /// tracks (16-bit form: available = used).
+    pub fn restart_base(&self, completed: u16) -> u32 {
+        match self {
+            Driver::Split(_) => u32::from(completed),
+            Driver::Packed(d) => u32::from(d.device_position()),
+        }
+    }
+
     pub fn addrs(&self) -> RingAddrs {
         match self {
             Driver::Split(d) => {
