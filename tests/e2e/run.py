@@ -409,7 +409,7 @@ echo "GUEST: 128 MiB of cached reads and 20 writes checked after migration"
         shutil.rmtree(image, ignore_errors=True)
 
 
-def test_reconnect():
+def test_reconnect(packed=False):
     """`vireo blk` killed with SIGKILL up to five times while the guest writes (four writers, O_DIRECT)
     and started again on the same socket; QEMU reconnects (reconnect-ms) and hands the new
     process the inflight area, which resubmits what the dead one had taken. Every write
@@ -439,7 +439,7 @@ done < /tmp/sums
 echo "GUEST: $(wc -l < /tmp/sums) writes checked"
 [ $bad = 0 ]
 '''
-    r = Run("reconnect", script)
+    r = Run("reconnect-packed" if packed else "reconnect", script, device_opts=",packed=on" if packed else "")
     try:
         if not r.wait_line("WRITING"):
             return False, "guest never started writing"
@@ -512,7 +512,8 @@ echo "GUEST: buffered 4 MiB at 128 MiB matches"
 
 
 TESTS = {"read_only": test_read_only, "packed": test_packed, "hotplug": test_hotplug, "migration": test_migration,
-         "reconnect": test_reconnect, "viommu": test_viommu}
+         "reconnect": test_reconnect, "reconnect_packed": lambda: test_reconnect(packed=True),
+         "viommu": test_viommu}
 
 
 GUEST_BENCH = "#!/bin/sh\n" + r'''
