@@ -779,6 +779,19 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     }
 
     fn finish(mut self) -> Result<bool, QueueError> {
+        self.publish()
+    }
+
+    /// Used elements added so far in this batch and not yet published.
+    pub fn unpublished(&self) -> u16 {
+        self.used_added
+    }
+
+    /// Publishes the used elements added so far (the dirty log first), as the end of the batch
+    /// does, and says whether the driver must be notified; the batch goes on. A worker that
+    /// completes many chains in one batch publishes part-way, so that the driver can start on
+    /// the first completions while the device works on the rest.
+    pub fn publish(&mut self) -> Result<bool, QueueError> {
         if self.used_added == 0 {
             return Ok(false);
         }
@@ -838,6 +851,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         }
         self.mem.flush_log().map_err(|e| QueueError::mem(self.layout.gpa[2], 0, e))?;
         *self.signalled = self.state.next_used;
+        self.used_added = 0;
         Ok(notify)
     }
 }

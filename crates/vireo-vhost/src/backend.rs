@@ -143,7 +143,7 @@ impl VhostUserBackend {
             rings,
             region_files: Vec::new(),
             poll,
-            workers: WorkerPool::new(threads),
+            workers: WorkerPool::new(threads, crate::worker::SPIN_MAX),
             inflight: None,
             status: 0,
             channel: Arc::new(BackendChannel::new()),
@@ -151,6 +151,17 @@ impl VhostUserBackend {
             iotlb_invalidations: 0,
             transfer: None,
         }
+    }
+
+    /// How long worker threads keep polling their rings after work before they sleep (QEMU's
+    /// iothread `poll-max-ns`; 32 µs by default, zero to sleep at once). Takes effect for
+    /// threads not started yet: call before any ring starts.
+    pub fn set_poll_max(&mut self, window: std::time::Duration) {
+        self.workers = WorkerPool::new(self.workers_max(), window);
+    }
+
+    fn workers_max(&self) -> usize {
+        self.workers.max_threads()
     }
 
     /// The backend channel (a device sends configuration change notices on it).
@@ -721,6 +732,8 @@ pub struct ServeOptions {
     /// Connect to the frontend's socket instead of listening (QEMU's `server=on` chardev), and
     /// connect again, with backoff, whenever the connection ends.
     pub client: bool,
+    /// How long a worker polls after work before it sleeps; `None`: 32 µs.
+    pub poll_max: Option<std::time::Duration>,
 }
 
 /// Serves `device` on the Unix socket at `path`, one frontend at a time, until `stop` says so
@@ -805,7 +818,11 @@ fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std
 
 fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> VhostUserBackend {
     let threads = opts.threads.unwrap_or_else(|| device.num_queues());
-    VhostUserBackend::with_threads(device.clone(), opts.poll, threads)
+    let mut backend = VhostUserBackend::with_threads(device.clone(), opts.poll, threads);
+    if let Some(window) = opts.poll_max {
+        backend.set_poll_max(window);
+    }
+    backend
 }
 
 /// Serves one already connected frontend on `sock` until it goes away or `stop` is set (what

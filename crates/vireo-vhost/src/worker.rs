@@ -59,12 +59,19 @@ pub(crate) struct WorkerPool {
     threads: Vec<PoolThread>,
     /// How many threads to use at most.
     max_threads: usize,
+    /// The longest a thread polls after work before it sleeps (`--poll-max-ns`).
+    spin_max: std::time::Duration,
 }
 
 impl WorkerPool {
     /// A pool of at most `max_threads` threads (created when first needed).
-    pub fn new(max_threads: usize) -> Self {
-        Self { threads: Vec::new(), max_threads: max_threads.max(1) }
+    pub fn new(max_threads: usize, spin_max: std::time::Duration) -> Self {
+        Self { threads: Vec::new(), max_threads: max_threads.max(1), spin_max }
+    }
+
+    /// The most threads the pool makes.
+    pub fn max_threads(&self) -> usize {
+        self.max_threads
     }
 
     fn thread_for(&mut self, index: usize) -> std::io::Result<&PoolThread> {
@@ -80,7 +87,8 @@ impl WorkerPool {
                 pending: pending.clone(),
                 commands: rx,
                 queues: Vec::new(),
-                spin: SPIN_MAX,
+                spin: self.spin_max,
+                spin_max: self.spin_max,
             };
             let handle = std::thread::Builder::new().name(format!("vireo-worker-{n}")).spawn(move || thread.run())?;
             self.threads.push(PoolThread { wake, pending, commands: tx, handle: Some(handle) });
@@ -199,8 +207,10 @@ impl Served {
 
     /// One pass over the ring: completions first, then every available chain. Returns how many
     /// chains were popped.
+    #[allow(clippy::too_many_arguments)]
     fn pass(
         index: usize,
+        call: Option<&File>,
         device: &dyn Device,
         engine: &mut Option<Box<dyn Engine>>,
         done: &mut Vec<(UsedToken, u32)>,
@@ -217,6 +227,13 @@ impl Served {
             for &(token, len) in done.iter() {
                 qb.add_used(token, len)?;
             }
+        }
+        // Completions go out as soon as they are made, not at the end of the pass: a driver
+        // that is running sees them while the device works on what follows, so the two sides
+        // overlap instead of taking turns (EVENT_IDX keeps this from costing interrupts: one
+        // is sent only when the driver has asked for one since the last).
+        if qb.publish()? {
+            signal(call);
         }
         let mut n = 0u32;
         let popped = loop {
@@ -236,6 +253,9 @@ impl Served {
                 qb.add_used(token, written)?;
             }
             n += 1;
+            if qb.publish()? {
+                signal(call);
+            }
         };
         if let Some(engine) = engine.as_mut() {
             if let Err(e) = engine.submit() {
@@ -290,9 +310,7 @@ impl Served {
 
     fn signal(&mut self, notify: bool) {
         if notify {
-            if let Some(c) = self.call.as_mut() {
-                let _ = c.write(&1u64.to_ne_bytes());
-            }
+            signal(self.call.as_ref());
         }
     }
 
@@ -326,11 +344,12 @@ impl Served {
             let (index, poll) = (self.index, self.poll || spin);
             let generation = self.queue.iotlb_generation();
             let (device, engine, done, stash) = (&*self.device, &mut self.engine, &mut self.done, &mut self.stash);
+            let call = self.call.as_ref();
             let res = self.queue.process(|qb| {
                 if poll {
                     qb.disable_notification()?;
                 }
-                let n = Self::pass(index, device, engine, done, stash, qb)?;
+                let n = Self::pass(index, call, device, engine, done, stash, qb)?;
                 let more = if poll { false } else { qb.enable_notification()? };
                 Ok::<(u32, bool), QueueError>((n, more))
             });
@@ -409,8 +428,9 @@ struct WorkerThread {
     pending: Arc<std::sync::atomic::AtomicBool>,
     commands: mpsc::Receiver<Command>,
     queues: Vec<Served>,
-    /// The current spin window (adaptive, at most `SPIN_MAX`).
+    /// The current spin window (adaptive, at most `spin_max`).
     spin: std::time::Duration,
+    spin_max: std::time::Duration,
 }
 
 impl WorkerThread {
@@ -529,15 +549,21 @@ impl WorkerThread {
 }
 
 /// The longest a worker keeps polling its rings and engines after work before it sleeps in
-/// `poll(2)`, as QEMU's iothreads do (`poll-max-ns`, 32 us by default): a request that arrives,
-/// or an I/O that completes, within it costs no wake-up.
-const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(32);
+/// `poll(2)`, as QEMU's iothreads do (`poll-max-ns`): a request that arrives, or an I/O that
+/// completes, within it costs no wake-up. QEMU's default is 32 us; Vireo's workers yield the core
+/// while they spin idle, so a longer window costs the other threads little, and it covers the
+/// time a driver takes to consume a deep queue's completions and refill it (A/B runs in
+/// BENCHMARKS.md: at depth 128 on one queue, 100 us gave about twice the IOPS of 32 us).
+pub(crate) const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The longest one spin phase lasts however much work it finds, before the thread goes back to
 /// its main loop. Commands end a spin at once (the pending flag) and the spin serves every queue
 /// of the thread, so this only bounds how long new fds wait; at 2 ms the extra sleep/wake cycles
 /// cost depth-32 throughput in A/B runs.
 const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a spin stays idle before it starts yielding its core (see `WorkerThread::spin`).
+const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(8);
 
 /// Passes over one ring in a row before the thread turns to its other queues.
 const MAX_PASSES: u32 = 64;
@@ -547,8 +573,11 @@ impl WorkerThread {
     /// longer would have caught the event (double it, from 4 us); a sleep longer than that means
     /// the spin before it waited in vain (halve it, down to none).
     fn adapt_spin(&mut self, slept: std::time::Duration) {
-        if slept < SPIN_MAX {
-            self.spin = (self.spin * 2).clamp(std::time::Duration::from_micros(4), SPIN_MAX);
+        if self.spin_max.is_zero() {
+            return;
+        }
+        if slept < self.spin_max {
+            self.spin = (self.spin * 2).clamp(std::time::Duration::from_micros(4).min(self.spin_max), self.spin_max);
         } else {
             self.spin /= 2;
             if self.spin < std::time::Duration::from_micros(1) {
@@ -564,6 +593,7 @@ impl WorkerThread {
         let start = std::time::Instant::now();
         let limit = start + SPIN_LIMIT;
         let mut until = start + window;
+        let mut last_work = start;
         loop {
             let mut worked = false;
             for q in self.queues.iter_mut() {
@@ -572,6 +602,7 @@ impl WorkerThread {
             let now = std::time::Instant::now();
             if worked {
                 until = now + window;
+                last_work = now;
             } else if now >= until {
                 break;
             }
@@ -580,11 +611,27 @@ impl WorkerThread {
             if self.pending.load(std::sync::atomic::Ordering::Relaxed) || now >= limit {
                 break;
             }
-            std::hint::spin_loop();
+            if now.duration_since(last_work) < YIELD_AFTER {
+                std::hint::spin_loop();
+            } else {
+                // Idle for a while: hand the core to any thread that wants it (the driver, on a
+                // machine with as few cores as here, or this queue's neighbours), and come
+                // straight back if none does. This is what lets the window be longer than
+                // QEMU's without starving the threads that produce the work; the first
+                // microseconds spin without it, where a shallow queue's next request arrives.
+                std::thread::yield_now();
+            }
         }
         for q in self.queues.iter_mut().filter(|q| !q.poll) {
             q.run(false);
         }
+    }
+}
+
+/// Interrupts the driver through its call eventfd.
+fn signal(call: Option<&File>) {
+    if let Some(mut c) = call {
+        let _ = c.write(&1u64.to_ne_bytes());
     }
 }
 

@@ -96,6 +96,12 @@ struct BlkArgs {
     /// over its queues (lower latency at the price of a busy core per thread).
     #[arg(long)]
     poll: bool,
+    /// After work, how long (in nanoseconds) a worker keeps polling its rings and I/O
+    /// completions before it sleeps until the next kick, as QEMU's iothread `poll-max-ns`; the
+    /// window adapts below it, and an idle spinning worker yields its core to any thread that
+    /// wants it. 0 sleeps at once.
+    #[arg(long, default_value_t = 100_000)]
+    poll_max_ns: u64,
     /// How image I/O is done: `io-uring` (one ring per queue, many requests in flight, completed
     /// out of order) or `sync` (preadv/pwritev on the queue's thread, one at a time). Like
     /// qemu-storage-daemon's `aio=`.
@@ -215,7 +221,12 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
     }
-    let opts = vireo_vhost::ServeOptions { poll: a.poll, threads: a.threads.map(usize::from), client: a.client };
+    let opts = vireo_vhost::ServeOptions {
+        poll: a.poll,
+        threads: a.threads.map(usize::from),
+        client: a.client,
+        poll_max: Some(std::time::Duration::from_nanos(a.poll_max_ns)),
+    };
     let device: Arc<dyn vireo_vhost::Device> = Arc::new(device);
     match (inherited, &a.socket_path) {
         (Some(Socket::Listener(l)), _) => vireo_vhost::serve_listener(&l, device, &stop, &opts)

@@ -94,7 +94,7 @@ fn worker_threads(pid: u32) -> usize {
 fn four_queues_on_two_worker_threads() {
     let mut s = Scratch::new("threads");
     let sock = s.dir.join("vhost.sock");
-    s.spawn(&["--null", "64M", "--num-queues", "4", "--threads", "2"], &sock);
+    s.spawn(&["--null", "64M", "--num-queues", "4", "--threads", "2", "--poll-max-ns", "0"], &sock);
     wait_for(&sock);
     let opts = BlkOptions { num_queues: 4, queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
     let mut dev = BlkDevice::connect(&sock, &opts).unwrap();
