@@ -11,7 +11,8 @@ pub const REGION: u64 = 32 << 10;
 pub const RAM: u64 = 2 * REGION;
 
 /// Input layout: byte 0 = queue size exponent (0..=6), byte 1 = knobs (bit 0 translating path,
-/// bit 1 EVENT_IDX, bit 2 complete in reverse order), then guest memory from address 0.
+/// bit 1 EVENT_IDX, bit 2 complete in reverse order, bit 3 take single-descriptor chains through
+/// the batch API first), then guest memory from address 0.
 pub fn run(data: &[u8], packed: bool) {
     if data.len() < 2 {
         return;
@@ -36,6 +37,14 @@ pub fn run(data: &[u8], packed: bool) {
     for _ in 0..4 {
         let res = q.process(|qb| {
             let mut tokens = Vec::new();
+            if knobs & 8 != 0 {
+                qb.complete_singles(usize::from(size), |s| {
+                    let end = s.phys.raw().checked_add(s.buf.len() as u64).expect("buffer wraps");
+                    assert!(end <= RAM, "single buffer {} +{} outside guest memory", s.phys, s.buf.len());
+                    assert!(s.buf.len() > 0);
+                    s.buf.len().min(64) as u32
+                });
+            }
             for _ in 0..(2 * u32::from(size)) {
                 match qb.pop() {
                     Ok(Some(c)) => {

@@ -36,6 +36,11 @@ unsafe impl Send for GuestSlice<'_> {}
 unsafe impl Sync for GuestSlice<'_> {}
 
 impl<'a> GuestSlice<'a> {
+    /// A slice of no bytes (a placeholder in arrays of views; any access to it is out of bounds).
+    pub const fn empty() -> Self {
+        Self { ptr: NonNull::dangling(), len: 0, _mapping: PhantomData }
+    }
+
     /// Wraps `len` bytes at `ptr`.
     ///
     /// # Safety

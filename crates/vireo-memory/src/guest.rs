@@ -689,6 +689,35 @@ struct LastRegion {
     perm: Perm,
 }
 
+/// The region a batch translated into last, as a linear window of the driver's addresses: a
+/// device that translates many buffers in a row (a batch of receive buffers) checks each against
+/// it with two compares. Valid for the batch (the region is pinned until it ends).
+#[derive(Debug, Clone, Copy)]
+pub struct Window<'b> {
+    last: LastRegion,
+    _batch: std::marker::PhantomData<&'b ()>,
+}
+
+impl<'b> Window<'b> {
+    /// `len` bytes at `addr` for `perm`, when they lie inside the window.
+    #[inline(always)]
+    pub fn translate(&self, addr: GuestPhysAddr, len: u32, perm: Perm) -> Option<Piece<'b>> {
+        let l = &self.last;
+        let off = addr.raw().wrapping_sub(l.gpa);
+        if off >= l.len || u64::from(len) > l.len - off || !l.perm.allows(perm) {
+            return None;
+        }
+        // off < l.len, a mapping's length, which fits usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let host = l.host + off as usize;
+        // SAFETY: `host` is inside a mapping (off < l.len), so not null; the window is a region
+        // the batch pinned (see `Batch::window`), it borrows the batch and cannot outlive it, and
+        // `off + len <= l.len`.
+        let slice = unsafe { GuestSlice::new(NonNull::new_unchecked(host as *mut u8), len as usize) };
+        Some(Piece { slice, phys: GuestPhysAddr::new(l.phys + off), slot: l.slot })
+    }
+}
+
 /// A translated piece of guest memory: where it is in the host, the guest physical address it
 /// starts at (what the dirty log records; the driver's address itself unless behind an IOTLB),
 /// and the protocol slot that holds it (what an I/O pins).
@@ -768,6 +797,12 @@ impl<'q> Batch<'q> {
     /// Whether addresses go through an IOTLB in this batch.
     pub fn iotlb_enabled(&self) -> bool {
         self.iotlb.is_some()
+    }
+
+    /// The region this batch translated into last (pinned for the batch), if any.
+    #[inline(always)]
+    pub fn window(&self) -> Option<Window<'_>> {
+        self.last.get().map(|last| Window { last, _batch: std::marker::PhantomData })
     }
 
     /// Behind an IOTLB: checks that `[addr, addr + len)` is fully covered with `perm`, so that a

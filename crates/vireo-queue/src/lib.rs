@@ -33,4 +33,6 @@ pub use chain::{
 pub use error::QueueError;
 pub use inflight::{split_region_size, InflightRegion, INFLIGHT_ALIGN};
 pub use inflight_packed::packed_region_size;
-pub use queue::{vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, UsedToken, MAX_QUEUE_SIZE};
+pub use queue::{
+    vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, Single, UsedToken, MAX_QUEUE_SIZE,
+};

@@ -3,7 +3,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vireo_memory::{Batch, GuestPhysAddr, Perm, QueueHandle, QueueMemory, MAX_CACHED};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, Perm, QueueHandle, QueueMemory, MAX_CACHED};
 
 use crate::chain::{
     access, Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE,
@@ -74,6 +74,32 @@ pub struct UsedToken {
     pub id: u16,
     /// How many ring descriptors the chain used (packed queues advance by it).
     pub ring_descs: u16,
+}
+
+/// A chain of one descriptor, as [`QueueBatch::pop_singles`] hands them out (the shape of
+/// receive buffers): its id, whether the device writes it, the buffer, and the guest physical
+/// address the buffer starts at (what the dirty log records after a write).
+#[derive(Clone, Copy, Debug)]
+pub struct Single<'b> {
+    /// The chain's head (split) index.
+    pub id: u16,
+    /// The device may write it (VIRTQ_DESC_F_WRITE); else it reads it.
+    pub writable: bool,
+    /// The buffer, valid for the batch.
+    pub buf: GuestSlice<'b>,
+    /// Guest physical address of `buf`'s first byte.
+    pub phys: GuestPhysAddr,
+}
+
+impl Single<'_> {
+    /// An unused entry, to fill arrays with before [`QueueBatch::pop_singles`].
+    pub const EMPTY: Single<'static> =
+        Single { id: 0, writable: false, buf: GuestSlice::empty(), phys: GuestPhysAddr::new(0) };
+
+    /// What to pass to [`QueueBatch::add_used`] for it.
+    pub fn token(&self) -> UsedToken {
+        UsedToken { id: self.id, ring_descs: 1 }
+    }
 }
 
 impl Chain<'_> {
@@ -613,6 +639,159 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         }
     }
 
+    /// Pops up to `out.len()` available chains into `out` while each is one descriptor (no
+    /// NEXT, no INDIRECT, non-zero length) whose buffer lies in one region, and returns how
+    /// many. Every check `pop` makes is made; a loop of two compares per buffer replaces its
+    /// general walk. It stops at the first chain of any other shape, or any doubt, leaving it
+    /// for [`QueueBatch::pop`]; on a packed ring, on the translating path, with inflight
+    /// tracking or with chains to resubmit it pops nothing (use `pop`).
+    #[inline]
+    pub fn pop_singles(&mut self, out: &mut [Single<'b>]) -> usize {
+        let mut i = 0;
+        self.pop_singles_with(out.len(), |s| {
+            out[i] = s;
+            i += 1;
+        })
+    }
+
+    /// [`QueueBatch::pop_singles`] handing each chain to `f` instead of an array (no array to
+    /// fill first).
+    #[inline]
+    pub fn pop_singles_with(&mut self, max: usize, mut f: impl FnMut(Single<'b>)) -> usize {
+        let Some((next, n)) = self.singles_available(max) else { return 0 };
+        let Access::Direct(d) = &self.access else { return 0 };
+        let mut window = self.mem.window();
+        let mut i = 0;
+        while i < n {
+            let Some(s) = single_at(d, self.mem, self.cfg.size, next, i, &mut window) else { break };
+            f(s);
+            i += 1;
+        }
+        // i <= size fits u16.
+        self.state.next_avail = next.wrapping_add(i as u16);
+        i
+    }
+
+    /// Pops single-descriptor chains as [`QueueBatch::pop_singles`] does and completes each at
+    /// once: `f` does the device's work on the buffer and returns how many bytes it wrote, which
+    /// are logged (when logging is on) and become the used length. One loop from the available
+    /// ring to the used ring, for devices that finish such chains synchronously (a null disk, a
+    /// receive queue fed by a copy). Returns how many were completed.
+    #[inline]
+    pub fn complete_singles(&mut self, max: usize, mut f: impl FnMut(&Single<'b>) -> u32) -> usize {
+        let Some((next, n)) = self.singles_available(max) else { return 0 };
+        if self.used_added == 0 {
+            if self.ensure_used_known().is_err() {
+                return 0;
+            }
+            self.batch_used_start = self.state.next_used;
+        }
+        let Access::Direct(d) = &self.access else { return 0 };
+        let (mem, size, logging) = (self.mem, self.cfg.size, self.logging);
+        let used = d.base(Area::Device);
+        let start = self.state.next_used;
+        let mut window = mem.window();
+        let mut i = 0;
+        while i < n {
+            let Some(s) = single_at(d, mem, size, next, i, &mut window) else { break };
+            let written = f(&s).min(s.buf.len() as u32);
+            if logging && s.writable && written > 0 {
+                if let Err(e) = mem.log_write(s.phys, u64::from(written)) {
+                    tracing::warn!(error = %e, "buffer write not logged");
+                }
+            }
+            // i < n <= size: the slot is below the ring size.
+            let slot = usize::from(start.wrapping_add(i as u16) & (size - 1));
+            // SAFETY: slot < size and the used ring's view holds 6 + 8 * size bytes from a
+            // 4-aligned base (Direct::new), so the element at 4 + 8 * slot is inside it, aligned.
+            unsafe {
+                let p = used.add(4 + 8 * slot).cast::<u32>();
+                p.write_volatile(u32::from(s.id).to_le());
+                p.add(1).write_volatile(written.to_le());
+            }
+            i += 1;
+        }
+        // i <= size fits u16.
+        let k = i as u16;
+        self.state.next_avail = next.wrapping_add(k);
+        self.state.next_used = start.wrapping_add(k);
+        self.used_added = self.used_added.wrapping_add(k);
+        if self.logging {
+            for j in 0..k {
+                self.log_ring(Area::Device, 4 + 8 * usize::from(start.wrapping_add(j) & (size - 1)), 8);
+            }
+        }
+        i
+    }
+
+    /// For the batch pops: the next available index and how many entries (at most `max`) the
+    /// driver has made available, when the queue is of the shape they serve (split, cached
+    /// rings, not broken, no inflight record).
+    #[inline(always)]
+    fn singles_available(&mut self, max: usize) -> Option<(u16, usize)> {
+        let (Kind::Split { avail_shadow, .. }, Access::Direct(d)) = (&mut *self.kind, &self.access) else {
+            return None;
+        };
+        if self.broken.is_some() || self.inflight.is_some() {
+            return None;
+        }
+        let next = self.state.next_avail;
+        if next == *avail_shadow {
+            // Acquire: as in `pop_split`.
+            let idx = u16::from_le(d.load_u16(Area::Driver, 2, Ordering::Acquire).ok()?);
+            let pending = idx.wrapping_sub(next);
+            if pending == 0 || pending > self.cfg.size {
+                // Nothing, or a jump `pop` reports and breaks the queue for.
+                return None;
+            }
+            *avail_shadow = idx;
+        }
+        Some((next, usize::from(avail_shadow.wrapping_sub(next)).min(max)))
+    }
+
+    /// [`QueueBatch::add_used`] for many chains: used elements for `done` (token, bytes written)
+    /// in order. On the cached split path a loop of two stores each; anything else goes through
+    /// `add_used`.
+    pub fn add_used_many(&mut self, done: impl IntoIterator<Item = (UsedToken, u32)>) -> Result<(), QueueError> {
+        let fast = self.broken.is_none()
+            && self.inflight.is_none()
+            && matches!((&*self.kind, &self.access), (Kind::Split { .. }, Access::Direct(_)));
+        if !fast {
+            for (t, len) in done {
+                self.add_used(t, len)?;
+            }
+            return Ok(());
+        }
+        if self.used_added == 0 {
+            self.ensure_used_known()?;
+            self.batch_used_start = self.state.next_used;
+        }
+        let Access::Direct(d) = &self.access else { return Ok(()) };
+        let used = d.base(Area::Device);
+        let mask = self.cfg.size - 1;
+        let start = self.state.next_used;
+        let mut k = 0u16;
+        for (t, len) in done {
+            let slot = usize::from(start.wrapping_add(k) & mask);
+            // SAFETY: slot < size and the used ring's view holds 6 + 8 * size bytes from a
+            // 4-aligned base, so the element at 4 + 8 * slot (two u32) is inside it, aligned.
+            unsafe {
+                let p = used.add(4 + 8 * slot).cast::<u32>();
+                p.write_volatile(u32::from(t.id).to_le());
+                p.add(1).write_volatile(len.to_le());
+            }
+            k = k.wrapping_add(1);
+        }
+        if self.logging {
+            for j in 0..k {
+                self.log_ring(Area::Device, 4 + 8 * usize::from(start.wrapping_add(j) & mask), 8);
+            }
+        }
+        self.state.next_used = start.wrapping_add(k);
+        self.used_added = self.used_added.wrapping_add(k);
+        Ok(())
+    }
+
     #[inline]
     fn ensure_used_known(&mut self) -> Result<(), QueueError> {
         if let Kind::Split { used_known, .. } = self.kind {
@@ -939,6 +1118,51 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
         return Err(QueueError::Indirect { head, what: "table wraps around" });
     }
     Ok(n)
+}
+
+/// The batch pops' step: the chain at available entry `next + i` if it is one direct descriptor
+/// (no NEXT, no INDIRECT, non-zero length) whose buffer lies in one region; `None` for anything
+/// else, left to `QueueBatch::pop`. `i` is below the number of entries the driver made available,
+/// which is at most the queue size. `window` is the batch's last region, kept current.
+#[inline(always)]
+fn single_at<'b>(
+    d: &Direct<'_>,
+    mem: &'b Batch<'_>,
+    size: u16,
+    next: u16,
+    i: usize,
+    window: &mut Option<vireo_memory::Window<'b>>,
+) -> Option<Single<'b>> {
+    // i < size: the u16 arithmetic is exact modulo the (power of two) ring size.
+    let slot = usize::from(next.wrapping_add(i as u16) & (size - 1));
+    // SAFETY: slot < size, and the available ring's view holds 6 + 2 * size bytes from an
+    // aligned base (Direct::new), so the 2 bytes at 4 + 2 * slot are inside it, aligned; u16 is
+    // Pod, so any bytes the guest left are a value.
+    let head = u16::from_le(unsafe { d.base(Area::Driver).add(4 + 2 * slot).cast::<u16>().read_volatile() });
+    if head >= size {
+        return None;
+    }
+    // SAFETY: head < size and the table's view holds 16 * size bytes from a 16-aligned base, so
+    // both words of entry `head` are inside it and aligned.
+    let (lo, hi) = unsafe {
+        let p = d.base(Area::Desc).add(16 * usize::from(head)).cast::<u64>();
+        (p.read_volatile(), p.add(1).read_volatile())
+    };
+    let desc = desc_from_words(lo, hi);
+    if desc.flags_or_id & (DESC_F_NEXT | DESC_F_INDIRECT) != 0 || desc.len == 0 {
+        return None;
+    }
+    let writable = desc.flags_or_id & DESC_F_WRITE != 0;
+    let addr = GuestPhysAddr::new(desc.addr);
+    let piece = match window.and_then(|w| w.translate(addr, desc.len, access(writable))) {
+        Some(p) => p,
+        None => {
+            let p = mem.translate_piece(addr, u64::from(desc.len), access(writable), false).ok()?;
+            *window = mem.window();
+            p
+        }
+    };
+    Some(Single { id: head, writable, buf: piece.slice, phys: piece.phys })
 }
 
 /// See `QueueBatch::pop`: one direct descriptor, no NEXT, no INDIRECT, non-zero length, in the

@@ -72,6 +72,13 @@ impl<'b> Direct<'b> {
         })
     }
 
+    /// The host address of `area`'s first byte: the view behind it holds at least the layout's
+    /// length of the area (checked in `new`), aligned as the ring requires, until the batch ends.
+    #[inline(always)]
+    pub fn base(&self, area: Area) -> *mut u8 {
+        self.base[area as usize]
+    }
+
     #[inline(always)]
     fn ptr<T>(&self, area: Area, off: usize) -> Result<*mut T, QueueError> {
         let i = area as usize;

@@ -284,3 +284,72 @@ proptest! {
         run_ops(true, translating, &ops)?;
     }
 }
+
+/// `pop_singles` hands out the same chains `pop` would, with the same buffers, as long as they
+/// are one descriptor each; it stops at the first chain of another shape (which `pop` then takes)
+/// and at a bad head (which `pop` then reports); `add_used_many` leaves the used ring `add_used`
+/// would.
+#[test]
+fn batched_singles_match_pop() {
+    let mut b = Bench::new(false, 16, 1 << 20);
+    let mut expect = Vec::new();
+    // Six single-descriptor chains (readable and writable), then a two-descriptor one, then two
+    // more singles.
+    for i in 0..6u8 {
+        let buf = b.buffer(64 + u32::from(i), i % 2 == 0, i);
+        expect.push((b.drv.add(&mut b.ram, &[buf], false).unwrap(), buf));
+    }
+    let pair = [b.buffer(16, false, 9), b.buffer(16, true, 9)];
+    let pair_id = b.drv.add(&mut b.ram, &pair, false).unwrap();
+    for i in 0..2u8 {
+        let buf = b.buffer(32, true, 20 + i);
+        expect.push((b.drv.add(&mut b.ram, &[buf], false).unwrap(), buf));
+    }
+    b.drv.publish(&b.ram);
+    let (seen, _) = b
+        .queue
+        .process(|qb| {
+            let mut out = [vireo_queue::Single::EMPTY; 16];
+            let n = qb.pop_singles(&mut out);
+            let mut seen: Vec<(u16, bool, u64, usize)> =
+                out[..n].iter().map(|s| (s.id, s.writable, s.phys.raw(), s.buf.len())).collect();
+            qb.add_used_many(out[..n].iter().map(|s| (s.token(), s.buf.len() as u32))).unwrap();
+            // The pair: `pop` takes it.
+            let t = qb.pop().unwrap().unwrap().token();
+            assert_eq!(t.id, pair_id);
+            qb.add_used(t, 0).unwrap();
+            let m = qb.pop_singles(&mut out);
+            seen.extend(out[..m].iter().map(|s| (s.id, s.writable, s.phys.raw(), s.buf.len())));
+            qb.add_used_many(out[..m].iter().map(|s| (s.token(), 7))).unwrap();
+            assert_eq!(qb.pop_singles(&mut out), 0, "nothing left");
+            seen
+        })
+        .unwrap();
+    let want: Vec<(u16, bool, u64, usize)> =
+        expect.iter().map(|(id, buf)| (*id, buf.writable, buf.gpa.raw(), buf.len as usize)).collect();
+    assert_eq!(seen, want);
+    let mut used = Vec::new();
+    while let Some(u) = b.drv.pop_used(&b.ram) {
+        used.push((u.id, u.len));
+    }
+    let mut want_used: Vec<(u16, u32)> = expect[..6].iter().map(|(id, buf)| (*id, buf.len)).collect();
+    want_used.push((pair_id, 0));
+    want_used.extend(expect[6..].iter().map(|(id, _)| (*id, 7)));
+    assert_eq!(used, want_used);
+
+    // A head out of range: `pop_singles` stops short of it, `pop` breaks the queue on it.
+    let mut b = Bench::new(false, 16, 1 << 20);
+    let buf = b.buffer(64, true, 1);
+    b.drv.add(&mut b.ram, &[buf], false).unwrap();
+    b.drv.publish(&b.ram);
+    let common::Driver::Split(d) = &b.drv else { unreachable!() };
+    let (_, avail, _) = d.addrs();
+    b.ram.write(GuestPhysAddr::new(avail.raw() + 4), &99u16.to_le_bytes()).unwrap();
+    b.queue
+        .process(|qb| {
+            let mut out = [vireo_queue::Single::EMPTY; 4];
+            assert_eq!(qb.pop_singles(&mut out), 0);
+            assert!(qb.pop().is_err());
+        })
+        .unwrap();
+}
