@@ -656,6 +656,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
 
     /// [`QueueBatch::pop_singles`] handing each chain to `f` instead of an array (no array to
     /// fill first).
+    // Counts below the queue size (at most 32768) are taken as u16, lengths of one
+    // descriptor (u32) as u32.
+    #[allow(clippy::cast_possible_truncation)]
     #[inline]
     pub fn pop_singles_with(&mut self, max: usize, mut f: impl FnMut(Single<'b>)) -> usize {
         let Some((next, n)) = self.singles_available(max) else { return 0 };
@@ -677,6 +680,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// are logged (when logging is on) and become the used length. One loop from the available
     /// ring to the used ring, for devices that finish such chains synchronously (a null disk, a
     /// receive queue fed by a copy). Returns how many were completed.
+    // Counts below the queue size (at most 32768) are taken as u16, lengths of one
+    // descriptor (u32) as u32.
+    #[allow(clippy::cast_possible_truncation)]
     #[inline]
     pub fn complete_singles(&mut self, max: usize, mut f: impl FnMut(&Single<'b>) -> u32) -> usize {
         let Some((next, n)) = self.singles_available(max) else { return 0 };
@@ -1125,6 +1131,7 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
 /// else, left to `QueueBatch::pop`. `i` is below the number of entries the driver made available,
 /// which is at most the queue size. `window` is the batch's last region, kept current.
 #[inline(always)]
+#[allow(clippy::cast_possible_truncation)] // i < size <= 32768
 fn single_at<'b>(
     d: &Direct<'_>,
     mem: &'b Batch<'_>,
