@@ -84,7 +84,26 @@ impl<'a> GuestSlice<'a> {
         Ok(unsafe { GuestSlice::new(NonNull::new_unchecked(p), len) })
     }
 
+    /// [`GuestSlice::read`] for hot loops: `None` instead of an error (no error value to build
+    /// and drop), and always inlined.
+    #[inline(always)]
+    pub fn get<T: Pod>(&self, offset: usize) -> Option<T> {
+        let end = offset.checked_add(size_of::<T>())?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: offset + size_of::<T>() <= self.len, so the pointer stays inside the mapping.
+        let p = unsafe { self.ptr.as_ptr().add(offset) };
+        if (p as usize) % align_of::<T>() != 0 {
+            return self.read(offset).ok();
+        }
+        // SAFETY: in bounds and aligned (both checked), mapped for 'a; T is Pod so any bit
+        // pattern the guest left is a valid T.
+        Some(unsafe { p.cast::<T>().read_volatile() })
+    }
+
     /// Reads a `T` at `offset` with one volatile access (or bytewise where it is misaligned).
+    #[inline]
     pub fn read<T: Pod>(&self, offset: usize) -> Result<T, MemoryError> {
         let p = self.check(offset, size_of::<T>())?;
         if (p as usize) % align_of::<T>() == 0 {

@@ -546,7 +546,7 @@ impl QueueMemory {
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
             pinned: RefCell::new(PinList::default()),
-            last: Cell::new(None),
+            last: Cell::new(LastRegion::NONE),
             cache_hit,
             log,
             log_cache: RefCell::new(&mut self.log_cache),
@@ -718,6 +718,11 @@ impl<'b> Window<'b> {
     }
 }
 
+impl LastRegion {
+    /// No region: every address falls outside it.
+    const NONE: LastRegion = LastRegion { gpa: 0, len: 0, host: 0, phys: 0, slot: 0, perm: Perm::NONE };
+}
+
 /// A translated piece of guest memory: where it is in the host, the guest physical address it
 /// starts at (what the dirty log records; the driver's address itself unless behind an IOTLB),
 /// and the protocol slot that holds it (what an I/O pins).
@@ -770,7 +775,8 @@ pub struct Batch<'q> {
     pinned: RefCell<PinList>,
     /// The region of the last translation, already pinned for this batch: buffers of one batch
     /// almost always fall in the same region, and then translating is two compares.
-    last: Cell<Option<LastRegion>>,
+    /// `LastRegion::NONE` (an empty range: nothing matches it) until the first translation.
+    last: Cell<LastRegion>,
     /// Whether the cached translation serves this batch.
     cache_hit: bool,
     log: Option<StdArc<DirtyLog>>,
@@ -799,10 +805,18 @@ impl<'q> Batch<'q> {
         self.iotlb.is_some()
     }
 
+    /// [`Batch::translate_piece`]'s fast path alone: `len` bytes at `addr` in the region this
+    /// batch translated into last, or `None` (then translate normally).
+    #[inline(always)]
+    pub fn translate_fast(&self, addr: GuestPhysAddr, len: u32, perm: Perm) -> Option<Piece<'_>> {
+        Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate(addr, len, perm)
+    }
+
     /// The region this batch translated into last (pinned for the batch), if any.
     #[inline(always)]
     pub fn window(&self) -> Option<Window<'_>> {
-        self.last.get().map(|last| Window { last, _batch: std::marker::PhantomData })
+        let last = self.last.get();
+        (last.len != 0).then_some(Window { last, _batch: std::marker::PhantomData })
     }
 
     /// Behind an IOTLB: checks that `[addr, addr + len)` is fully covered with `perm`, so that a
@@ -878,7 +892,7 @@ impl<'q> Batch<'q> {
     /// The fast path: `gpa` in the region this batch translated into last.
     #[inline(always)]
     fn translate_last(&self, gpa: GuestPhysAddr, len: u64, perm: Perm, prefix: bool) -> Option<Piece<'_>> {
-        let last = self.last.get()?;
+        let last = self.last.get();
         let off = gpa.raw().wrapping_sub(last.gpa);
         if off >= last.len || !last.perm.allows(perm) {
             return None;
@@ -973,13 +987,13 @@ impl<'q> Batch<'q> {
                 let (t, last) = self.locate(&map, gpa, len, perm)?;
                 let pinned = self.pin_index(t.index, &map);
                 if pinned {
-                    self.last.set(Some(last));
+                    self.last.set(last);
                 }
                 (t, pinned, last)
             };
             if !pinned {
                 // Being retired: its replacement (if any) is already published.
-                self.last.set(None);
+                self.last.set(LastRegion::NONE);
                 **self.map.borrow_mut() = lock(&self.shared.current).clone();
                 continue;
             }
@@ -1084,7 +1098,7 @@ impl<'q> Batch<'q> {
     /// waits for the I/O too.
     pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
         let slot = match self.last.get() {
-            Some(l) if gpa.raw().wrapping_sub(l.gpa) < l.len => usize::from(l.slot),
+            l if gpa.raw().wrapping_sub(l.gpa) < l.len => usize::from(l.slot),
             _ => usize::from(self.translate_inner(gpa, 1, Perm::NONE, false)?.slot),
         };
         self.gate.pin_again(slot);

@@ -90,6 +90,10 @@ impl Segments {
         }
         self.readable.checked_add(self.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
         // The common case: the whole buffer in one region.
+        if let Some(p) = mem.translate_fast(GuestPhysAddr::new(addr), len, access(writable)) {
+            self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
+            return Ok(());
+        }
         if let Ok(p) = mem.translate_piece(GuestPhysAddr::new(addr), u64::from(len), access(writable), false) {
             self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
             return Ok(());
@@ -145,7 +149,10 @@ pub struct Chain<'c> {
     pub id: u16,
     /// How many ring descriptors the chain used (what a packed queue advances by).
     pub(crate) ring_descs: u16,
-    pub(crate) segs: &'c [RawSeg],
+    /// The segment list itself, not a slice of it: a slice taken right after the push that grew
+    /// it would load the length the push just stored together with the pointer, one 16-byte
+    /// load over two 8-byte stores, which the CPU cannot forward (a stall on every pop).
+    pub(crate) segs: &'c Vec<RawSeg>,
     readable: u32,
     writable: u32,
 }

@@ -599,10 +599,6 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 return self.pop_resubmit();
             }
         }
-        if self.packed_inflight.as_ref().is_some_and(|i| !i.resubmit.is_empty()) {
-            return self.pop_resubmit_packed();
-        }
-        let head_slot = self.state.next_avail;
         // The common shape, on the cached path: a known-available entry whose head is one
         // direct descriptor in one region. Anything else (or any doubt) takes the general walker,
         // which starts over and does every check; nothing is changed unless this succeeds.
@@ -616,6 +612,10 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 }
             }
         }
+        if self.packed_inflight.as_ref().is_some_and(|i| !i.resubmit.is_empty()) {
+            return self.pop_resubmit_packed();
+        }
+        let head_slot = self.state.next_avail;
         let res = match self.kind {
             Kind::Split { .. } => {
                 with_access!(self, r => pop_split(r, self.mem, self.cfg.size, self.state, self.kind, self.segs))
@@ -1094,7 +1094,7 @@ impl<'m, 'q> Table<'m, 'q> {
         // i < 32768 (indirect_entries), so the offset cannot overflow.
         let off = 16 * i as usize;
         if let Some(t) = &self.whole {
-            if let (Ok(lo), Ok(hi)) = (t.read::<u64>(off), t.read::<u64>(off + 8)) {
+            if let (Some(lo), Some(hi)) = (t.get::<u64>(off), t.get::<u64>(off + 8)) {
                 return Ok(desc_from_words(lo, hi));
             }
         }
@@ -1193,7 +1193,7 @@ fn split_fast_pop(
         return None;
     }
     let writable = desc.flags_or_id & DESC_F_WRITE != 0;
-    let p = mem.translate_piece(GuestPhysAddr::new(desc.addr), u64::from(desc.len), access(writable), false).ok()?;
+    let p = mem.translate_fast(GuestPhysAddr::new(desc.addr), desc.len, access(writable))?;
     segs.set_single(&p, desc.len, writable);
     state.next_avail = state.next_avail.wrapping_add(1);
     Some(head)
@@ -1294,7 +1294,7 @@ fn walk_split<R: RingAccess>(
 /// Validates a packed chain whose descriptors `desc(i)` yields in order (from the ring, or from
 /// the copies an inflight region keeps) and resolves it into `segs`; at most `limit` ring
 /// descriptors. Returns the buffer id and how many ring descriptors the chain used.
-#[inline]
+#[inline(always)]
 fn walk_packed(
     mem: &Batch<'_>,
     limit: u16,
@@ -1362,10 +1362,9 @@ fn pop_packed<R: RingAccess>(
     }
     let head_slot = state.next_avail;
     let (id, count) = walk_packed(mem, size, segs, |i| {
-        // i < size, so the slot stays below 2 * size before the wrap.
-        let slot = u32::from(head_slot) + u32::from(i);
-        let slot = if slot >= u32::from(size) { slot - u32::from(size) } else { slot };
-        read_desc(r, u16::try_from(slot).unwrap_or(0))
+        // head_slot < size <= 32768 and i < size: the sum fits u16 and is below 2 * size.
+        let slot = head_slot + i;
+        read_desc(r, if slot >= size { slot - size } else { slot })
     })?;
     let (next, wrapped) = advance(head_slot, count, size);
     state.next_avail = next;

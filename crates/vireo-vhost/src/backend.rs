@@ -21,6 +21,7 @@ use vireo_queue::{packed_region_size, split_region_size, InflightRegion, Queue, 
 use crate::channel::BackendChannel;
 use crate::device::Device;
 use crate::dispatch;
+use crate::state::Transfer;
 use crate::worker::{QueueStart, WorkerPool};
 
 type Result<T> = std::result::Result<T, VuError>;
@@ -33,8 +34,6 @@ const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_R
 const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
-/// The most device state a destination reads (a block device's is a few dozen bytes).
-const MAX_DEVICE_STATE: u64 = 1 << 20;
 /// `struct vhost_iotlb_msg` types the frontend sends.
 const IOTLB_UPDATE: u8 = 2;
 const IOTLB_INVALIDATE: u8 = 3;
@@ -97,7 +96,7 @@ pub struct VhostUserBackend {
     channel: Arc<BackendChannel>,
     /// A DEVICE_STATE transfer in progress: the thread that writes or reads the state, and its
     /// verdict (CHECK_DEVICE_STATE).
-    transfer: Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
+    transfer: Option<Transfer>,
     /// IOTLB updates and invalidations received (reported when the connection ends).
     iotlb_updates: u64,
     iotlb_invalidations: u64,
@@ -341,6 +340,8 @@ impl VhostUserBackend {
         for i in 0..self.rings.len() {
             self.stop(i);
         }
+        // A device state transfer the frontend never checked: cancelled and joined.
+        self.transfer = None;
         if self.iotlb_updates + self.iotlb_invalidations > 0 {
             tracing::info!(
                 updates = self.iotlb_updates,
@@ -664,48 +665,25 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         if self.rings.iter().any(|r| r.running) {
             return Err(invalid("device state transfer while a ring runs"));
         }
-        if let Some(t) = self.transfer.take() {
-            // An earlier transfer nobody checked: it is finished or fails on its own.
-            let _ = t.join();
-        }
+        // An earlier transfer nobody checked is cancelled (and joined) here.
+        self.transfer = None;
         let device = self.device.clone();
-        // The front-end reads (or writes) the other end after this reply, so the transfer runs
-        // on its own thread: a state larger than the pipe would otherwise block the reply.
-        let thread = std::thread::Builder::new().name("vireo-device-state".into());
-        let handle = match direction {
-            VhostTransferStateDirection::SAVE => {
-                let state = device.save_state();
-                thread.spawn(move || {
-                    let mut fd = fd;
-                    std::io::Write::write_all(&mut fd, &state).map_err(|e| format!("writing the state: {e}"))
-                })
-            }
-            VhostTransferStateDirection::LOAD => thread.spawn(move || {
-                let mut state = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::Read::take(fd, MAX_DEVICE_STATE + 1), &mut state)
-                    .map_err(|e| format!("reading the state: {e}"))?;
-                if state.len() as u64 > MAX_DEVICE_STATE {
-                    return Err("device state larger than 1 MiB".into());
-                }
-                device.load_state(&state)
-            }),
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => Transfer::save(fd, device.save_state()),
+            VhostTransferStateDirection::LOAD => Transfer::load(fd, move |state| device.load_state(state)),
         }
         .map_err(VuError::ReqHandlerError)?;
         tracing::info!(?direction, "device state transfer started");
-        self.transfer = Some(handle);
+        self.transfer = Some(transfer);
         Ok(None)
     }
 
     fn check_device_state(&mut self) -> Result<()> {
         let t = self.transfer.take().ok_or_else(|| invalid("no device state transfer to check"))?;
-        match t.join() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => {
-                tracing::warn!(why, "device state transfer failed");
-                Err(VuError::InvalidParam)
-            }
-            Err(_) => Err(invalid("device state transfer thread panicked")),
-        }
+        t.finish().map_err(|why| {
+            tracing::warn!(why, "device state transfer failed");
+            VuError::InvalidParam
+        })
     }
 
     fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {

@@ -22,6 +22,7 @@ mod backend;
 pub mod channel;
 mod device;
 pub mod dispatch;
+mod state;
 mod worker;
 
 pub use backend::{
