@@ -187,6 +187,26 @@ io() { # name offset_mib: 32 MiB pattern written O_DIRECT at offset, read back, 
 '''
 
 
+def features_and_io(bit, name, first=""):
+    """The guest script of the packed and vIOMMU tests: `first`, then check that the disk
+    negotiated feature `bit` (`name`), write and read two 32 MiB patterns with O_DIRECT and 4 MiB
+    through the page cache."""
+    return "#!/bin/sh\n" + GUEST_IO + first + f'''
+for f in /sys/bus/virtio/devices/*/features; do
+  [ "$(cat ${{f%/features}}/device)" = 0x0002 ] || continue
+  bits=$(cat $f); echo "GUEST: virtio-blk features $bits"
+  [ "$(echo $bits | cut -c{bit + 1})" = 1 ] || {{ echo "GUEST: {name} not negotiated"; exit 1; }}
+done
+''' + r'''
+io A 0 || exit 1
+io B 64 || exit 1
+dd if=/dev/urandom of=/tmp/p bs=64k count=64 status=none
+dd if=/tmp/p of=/dev/vda bs=64k seek=2048 status=none; sync; echo 3 > /proc/sys/vm/drop_caches
+[ "$(sha256sum < /tmp/p)" = "$(dd if=/dev/vda bs=64k skip=2048 count=64 status=none | sha256sum)" ] || exit 1
+echo "GUEST: buffered 4 MiB at 128 MiB matches"
+'''
+
+
 def test_read_only():
     """--read-only: the guest sees a read-only disk; writes fail; the image stays untouched."""
     script = "#!/bin/sh\n" + r'''
@@ -209,19 +229,7 @@ dd if=/dev/vda of=/dev/null bs=1M count=8 iflag=direct status=none && echo "GUES
 def test_packed():
     """The guest's virtio_blk on packed rings (QEMU `packed=on`): writes and reads with O_DIRECT
     and through the page cache, compared in the guest and on the host."""
-    script = "#!/bin/sh\n" + GUEST_IO + r'''
-for f in /sys/bus/virtio/devices/*/features; do
-  [ "$(cat ${f%/features}/device)" = 0x0002 ] || continue
-  bits=$(cat $f); echo "GUEST: virtio-blk features $bits"
-  [ "$(echo $bits | cut -c35)" = 1 ] || { echo "GUEST: VIRTIO_F_RING_PACKED not negotiated"; exit 1; }
-done
-io A 0 || exit 1
-io B 64 || exit 1
-dd if=/dev/urandom of=/tmp/p bs=64k count=64 status=none
-dd if=/tmp/p of=/dev/vda bs=64k seek=2048 status=none; sync; echo 3 > /proc/sys/vm/drop_caches
-[ "$(sha256sum < /tmp/p)" = "$(dd if=/dev/vda bs=64k skip=2048 count=64 status=none | sha256sum)" ] || exit 1
-echo "GUEST: buffered 4 MiB at 128 MiB matches"
-'''
+    script = features_and_io(34, "VIRTIO_F_RING_PACKED")
     r = Run("packed", script, device_opts=",packed=on")
     try:
         ok = r.finish()
@@ -475,21 +483,10 @@ def test_viommu():
     translates through IOTLB entries QEMU sends when Vireo misses, and the guest's unmaps arrive
     as invalidations whose replies wait for Vireo's queues and I/O. Data written O_DIRECT and
     through the page cache reads back right in the guest and is on the host's image."""
-    script = "#!/bin/sh\n" + GUEST_IO + r'''
+    script = features_and_io(33, "VIRTIO_F_ACCESS_PLATFORM", r'''
 ls /sys/class/iommu/ | grep -q dmar || { echo "GUEST: no IOMMU"; exit 1; }
 echo "GUEST: IOMMU $(ls /sys/class/iommu/)"
-for f in /sys/bus/virtio/devices/*/features; do
-  [ "$(cat ${f%/features}/device)" = 0x0002 ] || continue
-  bits=$(cat $f); echo "GUEST: virtio-blk features $bits"
-  [ "$(echo $bits | cut -c34)" = 1 ] || { echo "GUEST: VIRTIO_F_ACCESS_PLATFORM not negotiated"; exit 1; }
-done
-io A 0 || exit 1
-io B 64 || exit 1
-dd if=/dev/urandom of=/tmp/p bs=64k count=64 status=none
-dd if=/tmp/p of=/dev/vda bs=64k seek=2048 status=none; sync; echo 3 > /proc/sys/vm/drop_caches
-[ "$(sha256sum < /tmp/p)" = "$(dd if=/dev/vda bs=64k skip=2048 count=64 status=none | sha256sum)" ] || exit 1
-echo "GUEST: buffered 4 MiB at 128 MiB matches"
-'''
+''')
     r = Run("viommu", script, cmdline="intel_iommu=on iommu.strict=1",
             before_device=["-device", "intel-iommu,intremap=off,device-iotlb=on"],
             device_opts=",disable-legacy=on,iommu_platform=on,ats=on")

@@ -47,6 +47,19 @@ impl Scratch {
         self.child = Some(child);
     }
 
+    /// Waits up to 5 s for `vireo` to exit on its own; `why` is the failure message.
+    fn wait_exit(&mut self, why: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("a running vireo");
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{why}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -137,15 +150,7 @@ fn sigterm_with_a_frontend_connected_exits_and_removes_the_socket() {
     exercise(&mut dev, 7);
     let pid = rustix::process::Pid::from_raw(i32::try_from(s.pid()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let mut child = s.child.take().unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "vireo did not exit on SIGTERM with a frontend connected");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = s.wait_exit("vireo did not exit on SIGTERM with a frontend connected");
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "the socket is removed");
     drop(dev);
@@ -180,15 +185,7 @@ fn inherited_sockets_and_capabilities() {
     let mut dev = BlkDevice::with_stream(ours, &opts).unwrap();
     exercise(&mut dev, 50);
     drop(dev);
-    let mut child = s.child.take().unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "vireo did not exit when its only frontend went away");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = s.wait_exit("vireo did not exit when its only frontend went away");
     assert!(status.success(), "{status}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_vireo")).args(["blk", "--print-capabilities"]).output().unwrap();
