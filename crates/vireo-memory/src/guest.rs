@@ -325,8 +325,13 @@ impl GuestMemory {
         match (on, old) {
             (true, None) => {
                 let tag = StdArc::new(RegionTag::new(next_id(), IOTLB_SLOTS[0]));
-                self.publish_iotlb(Some(StdArc::new(IotlbTable::new(Vec::new(), tag))));
+                let table = StdArc::new(IotlbTable::new(Vec::new(), tag));
+                // An invalidation of nothing, so that a cache fill racing with the switch (one
+                // that translated as guest physical) collides and is not published, and every
+                // cache there is dropped.
+                let invalidation = self.shared.domain.invalidate_start(&[], || self.publish_iotlb(Some(table)));
                 self.shared.domain.quiesce_all_caches();
+                invalidation.end();
             }
             (false, Some(old)) => {
                 let started = std::time::Instant::now();
@@ -374,6 +379,8 @@ impl GuestMemory {
         }
         if edit::overlaps(old.entries(), &entry) {
             let (kept, _) = edit::remove_range(old.entries(), entry.iova, entry.size);
+            // Cutting an entry in two adds one: the cap holds here too.
+            let kept = if kept.len() >= MAX_IOTLB_ENTRIES { Vec::new() } else { kept };
             self.iotlb_retire(&old, edit::insert(&kept, entry));
         } else if old.entries().len() >= MAX_IOTLB_ENTRIES {
             tracing::debug!(entries = old.entries().len(), "IOTLB full: dropped");

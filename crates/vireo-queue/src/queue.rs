@@ -393,7 +393,8 @@ impl Queue {
 
 /// The access the device needs to each ring area: split (descriptor table, available ring,
 /// used ring) and packed (descriptor ring, driver area, device area).
-const RING_PERMS_SPLIT: [Perm; MAX_CACHED] = [Perm::READ, Perm::READ, Perm::WRITE, Perm::NONE];
+/// The split used ring is read too (its index, after SET_VRING_BASE), as the kernel's vhost does.
+const RING_PERMS_SPLIT: [Perm; MAX_CACHED] = [Perm::READ, Perm::READ, Perm::RW, Perm::NONE];
 const RING_PERMS_PACKED: [Perm; MAX_CACHED] = [Perm::RW, Perm::READ, Perm::WRITE, Perm::NONE];
 
 enum Access<'b, 'q> {

@@ -401,6 +401,10 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             return Err(invalid("features not offered"));
         }
         let access_platform = features & VIRTIO_F_ACCESS_PLATFORM != 0;
+        if access_platform != self.iotlb() && self.rings.iter().any(|r| r.running) {
+            // Ring addresses were taken as one kind of address when the rings started.
+            return Err(invalid("VIRTIO_F_ACCESS_PLATFORM changed while rings run"));
+        }
         if access_platform && self.protocol_features & VhostUserProtocolFeatures::BACKEND_REQ.bits() == 0 {
             // Misses could not be asked for.
             return Err(invalid("VIRTIO_F_ACCESS_PLATFORM without the backend channel"));

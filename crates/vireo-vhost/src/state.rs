@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// The longest a transfer waits for the front-end.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// How long CHECK_DEVICE_STATE waits for a transfer still running.
+const CHECK_WAIT: Duration = Duration::from_secs(2);
 /// The most state a destination reads (a block device's is a few dozen bytes).
 pub const MAX_STATE: usize = 1 << 20;
 
@@ -45,8 +47,19 @@ impl Transfer {
         Ok(Self { cancel, thread: Some(thread) })
     }
 
-    /// Waits for the transfer and says how it went (CHECK_DEVICE_STATE).
+    /// Waits for the transfer and says how it went (CHECK_DEVICE_STATE). The front-end checks
+    /// after it has finished its side, so the transfer is done or about to be; one that is not
+    /// within `CHECK_WAIT` is cancelled and fails, rather than hold the connection's thread.
     pub fn finish(mut self) -> Result<(), String> {
+        let t = Instant::now();
+        while self.thread.as_ref().is_some_and(|h| !h.is_finished()) && t.elapsed() < CHECK_WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.thread.as_ref().is_some_and(|h| !h.is_finished()) {
+            self.cancel.store(true, Relaxed);
+            let _ = self.thread.take().map(JoinHandle::join);
+            return Err("the transfer had not finished when it was checked".into());
+        }
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err("the transfer thread panicked".into()),

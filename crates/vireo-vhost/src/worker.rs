@@ -279,9 +279,36 @@ impl Served {
     /// Reaps what completed while the queue cannot touch its ring; the used elements wait in
     /// `stash`.
     fn reap_parked(&mut self) {
-        if let Some(engine) = self.engine.as_mut().filter(|e| e.in_flight() > 0) {
-            let stash = &mut self.stash;
-            self.queue.with_memory(|mem| engine.reap(mem, stash));
+        if let Some(engine) = self.engine.as_mut() {
+            // Requests a failed submission left behind hold pins too: an invalidation could wait
+            // for them for ever while the queue waits for the frontend.
+            if engine.pending_submit() {
+                if let Err(e) = engine.submit() {
+                    tracing::error!(queue = self.index, error = %e, "I/O submission failed");
+                }
+            }
+            if engine.in_flight() > 0 {
+                let stash = &mut self.stash;
+                self.queue.with_memory(|mem| engine.reap(mem, stash));
+            }
+        }
+        if self.stash.is_empty() {
+            return;
+        }
+        // The completions go into the used ring now if the rings are there (the miss was a
+        // buffer's): a frontend that never answers must not keep finished requests from the
+        // guest. A ring miss leaves them stashed.
+        let stash = &mut self.stash;
+        let res = self.queue.process(|qb| {
+            for (token, len) in stash.drain(..) {
+                qb.add_used(token, len)?;
+            }
+            Ok::<(), QueueError>(())
+        });
+        match res {
+            Ok((Ok(()), notify)) => self.signal(notify),
+            Err(e) if e.is_iotlb_miss() => {}
+            Ok((Err(e), _)) | Err(e) => self.break_queue(&e),
         }
     }
 

@@ -83,6 +83,19 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// Connects, retrying for a while: the socket file appears at bind, a moment before the backend
+/// listens on it.
+fn connect(sock: &Path, opts: &BlkOptions) -> BlkDevice {
+    let t = Instant::now();
+    loop {
+        match BlkDevice::connect(sock, opts) {
+            Ok(dev) => return dev,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "cannot connect: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Writes a pattern on every queue and reads it back.
 fn exercise(dev: &mut BlkDevice, seed: u64) {
     for q in 0..dev.num_queues() {
@@ -110,7 +123,7 @@ fn four_queues_on_two_worker_threads() {
     s.spawn(&["--null", "64M", "--num-queues", "4", "--threads", "2", "--poll-max-ns", "0"], &sock);
     wait_for(&sock);
     let opts = BlkOptions { num_queues: 4, queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
-    let mut dev = BlkDevice::connect(&sock, &opts).unwrap();
+    let mut dev = connect(&sock, &opts);
     assert_eq!(dev.num_queues(), 4);
     exercise(&mut dev, 1);
     assert_eq!(worker_threads(s.pid()), 2, "four queues share two worker threads");
@@ -146,7 +159,7 @@ fn sigterm_with_a_frontend_connected_exits_and_removes_the_socket() {
     s.spawn(&["--image", image.to_str().unwrap()], &sock);
     wait_for(&sock);
     let opts = BlkOptions { queue_size: 64, slots: 8, max_request: 8192, ..BlkOptions::default() };
-    let mut dev = BlkDevice::connect(&sock, &opts).unwrap();
+    let mut dev = connect(&sock, &opts);
     exercise(&mut dev, 7);
     let pid = rustix::process::Pid::from_raw(i32::try_from(s.pid()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
