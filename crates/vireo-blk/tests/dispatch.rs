@@ -111,6 +111,18 @@ fn reply_ack_status_and_refusals() {
     assert_ne!(c.u64_reply(43), 0);
     c.send(42, 0, &[0u8; 8]); // SET_DEVICE_STATE_FD without a descriptor: error, no fd (bit 8)
     assert_eq!(c.u64_reply(42), 0x101);
+    c.send(14, NEED_REPLY, &0x100u64.to_le_bytes()); // SET_VRING_ERR, queue 0, no descriptor
+    assert_eq!(c.u64_reply(14), 0);
+    let mut cfg = vec![0u8; 12 + 4]; // SET_CONFIG: offset 0, 4 bytes: the config space is read-only
+    cfg[4] = 4;
+    c.send(25, NEED_REPLY, &cfg);
+    assert_ne!(c.u64_reply(25), 0);
+    c.send(7, NEED_REPLY, &[]); // SET_LOG_FD: not offered (LOG_SHMFD is)
+    assert_ne!(c.u64_reply(7), 0);
+    c.send(4, NEED_REPLY, &[]); // RESET_OWNER: rings stopped, features forgotten
+    assert_eq!(c.u64_reply(4), 0);
+    c.send(34, NEED_REPLY, &[]); // RESET_DEVICE
+    assert_eq!(c.u64_reply(34), 0);
     c.send(GET_QUEUE_NUM, 0, &[]);
     assert_eq!(c.u64_reply(GET_QUEUE_NUM), 1);
     // A request whose reply is its answer, refused: the frontend would wait for ever, so the
