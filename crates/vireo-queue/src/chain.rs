@@ -46,21 +46,28 @@ pub(crate) struct RawSeg {
     pub writable: bool,
 }
 
+/// A chain's byte totals and whether a writable buffer was seen: read and written as one unit,
+/// so that a walk's next step loads what the last one stored in one piece (two 32-bit stores
+/// read back as one 64-bit load cannot be forwarded: a stall per descriptor).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(8))]
+pub(crate) struct Totals {
+    pub readable: u32,
+    pub writable: u32,
+    pub seen_writable: bool,
+}
+
 /// The segments of the chain being built, reused from chain to chain (no allocation once warm).
 #[derive(Debug, Default)]
 pub(crate) struct Segments {
     pub segs: Vec<RawSeg>,
-    pub readable: u32,
-    pub writable: u32,
-    seen_writable: bool,
+    pub totals: Totals,
 }
 
 impl Segments {
     pub fn clear(&mut self) {
         self.segs.clear();
-        self.readable = 0;
-        self.writable = 0;
-        self.seen_writable = false;
+        self.totals = Totals::default();
     }
 
     /// Makes the chain one already-translated buffer (the fast path's single descriptor).
@@ -68,8 +75,8 @@ impl Segments {
     pub fn set_single(&mut self, p: &Piece<'_>, len: u32, writable: bool) {
         self.segs.clear();
         self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
-        self.seen_writable = writable;
-        (self.readable, self.writable) = if writable { (0, len) } else { (len, 0) };
+        let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
+        self.totals = Totals { readable, writable: writable_len, seen_writable: writable };
     }
 
     /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split
@@ -79,16 +86,18 @@ impl Segments {
         if len == 0 {
             return Err(QueueError::ZeroLength { head });
         }
+        let mut t = self.totals;
         if writable {
-            self.seen_writable = true;
-            self.writable = self.writable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
+            t.seen_writable = true;
+            t.writable = t.writable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
         } else {
-            if self.seen_writable {
+            if t.seen_writable {
                 return Err(QueueError::ReadableAfterWritable { head });
             }
-            self.readable = self.readable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
+            t.readable = t.readable.checked_add(len).ok_or_else(|| QueueError::LengthOverflow { head })?;
         }
-        self.readable.checked_add(self.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
+        t.readable.checked_add(t.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
+        self.totals = t;
         // The common case: the whole buffer in one region.
         if let Some(p) = mem.translate_fast(GuestPhysAddr::new(addr), len, access(writable)) {
             self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
@@ -149,38 +158,41 @@ pub struct Chain<'c> {
     pub id: u16,
     /// How many ring descriptors the chain used (what a packed queue advances by).
     pub(crate) ring_descs: u16,
-    /// The segment list itself, not a slice of it: a slice taken right after the push that grew
-    /// it would load the length the push just stored together with the pointer, one 16-byte
-    /// load over two 8-byte stores, which the CPU cannot forward (a stall on every pop).
-    pub(crate) segs: &'c Vec<RawSeg>,
-    readable: u32,
-    writable: u32,
+    /// The segments as the walk left them, read when asked for, not copied here: a copy made
+    /// right after the walk loads fields its last stores just wrote, in wider loads than those
+    /// stores, which the CPU cannot forward (measured: a quarter of a pop's time).
+    seg_list: &'c Segments,
 }
 
 impl<'c> Chain<'c> {
     pub(crate) fn new(id: u16, ring_descs: u16, s: &'c Segments) -> Self {
-        Self { id, ring_descs, segs: &s.segs, readable: s.readable, writable: s.writable }
+        Self { id, ring_descs, seg_list: s }
+    }
+
+    #[inline(always)]
+    fn segs(&self) -> &'c [RawSeg] {
+        &self.seg_list.segs
     }
 
     /// Total bytes the device may read.
     pub fn readable_len(&self) -> u32 {
-        self.readable
+        self.seg_list.totals.readable
     }
 
     /// Total bytes the device may write.
     pub fn writable_len(&self) -> u32 {
-        self.writable
+        self.seg_list.totals.writable
     }
 
     /// The number of host segments.
     pub fn segments(&self) -> usize {
-        self.segs.len()
+        self.segs().len()
     }
 
     /// Segment `i`: its guest physical address (behind an IOTLB, what the IOVA stands for),
     /// whether the device may write it, and a view of it.
     pub fn segment(&self, i: usize) -> Option<(GuestPhysAddr, bool, GuestSlice<'c>)> {
-        let s = self.segs.get(i)?;
+        let s = self.segs().get(i)?;
         let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
         // SAFETY: the segment was translated and its region pinned by the batch this chain
         // borrows from; the pin lasts until the batch ends, and `'c` cannot outlive it.
@@ -190,26 +202,26 @@ impl<'c> Chain<'c> {
 
     /// The readable segments, in order.
     pub fn readable(&self) -> impl Iterator<Item = GuestSlice<'c>> + '_ {
-        (0..self.segs.len()).filter_map(|i| self.segment(i)).filter(|s| !s.1).map(|s| s.2)
+        (0..self.segs().len()).filter_map(|i| self.segment(i)).filter(|s| !s.1).map(|s| s.2)
     }
 
     /// The writable segments, in order, with their guest addresses (for the dirty log).
     pub fn writable(&self) -> impl Iterator<Item = (GuestPhysAddr, GuestSlice<'c>)> + '_ {
-        (0..self.segs.len()).filter_map(|i| self.segment(i)).filter(|s| s.1).map(|s| (s.0, s.2))
+        (0..self.segs().len()).filter_map(|i| self.segment(i)).filter(|s| s.1).map(|s| (s.0, s.2))
     }
 
     /// The segments as `iovec`s (base, len) for `readv`/`writev` or io_uring; the readable ones
     /// first. Using the pointers is the caller's `unsafe`, valid while the chain's batch lives
     /// or an `IoPin` holds each region.
     pub fn iovecs(&self, out: &mut Vec<(usize, usize)>) {
-        out.extend(self.segs.iter().map(|s| (s.host, s.len as usize)));
+        out.extend(self.segs().iter().map(|s| (s.host, s.len as usize)));
     }
 
     /// I/O pins that keep every region the chain's buffers are in (and, behind an IOTLB, the
     /// translation) from being retired until they are dropped: for a request that goes on after
     /// the batch. `mem` is the batch the chain was popped in.
     pub fn io_pins(&self, mem: &Batch<'_>, out: &mut Vec<IoPin>) {
-        mem.io_pins(self.segs.iter().map(|s| s.slot), out);
+        mem.io_pins(self.segs().iter().map(|s| s.slot), out);
     }
 
     /// Logs that the device wrote the first `written` bytes of the writable part (a no-op unless

@@ -664,10 +664,11 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     pub fn pop_singles_with(&mut self, max: usize, mut f: impl FnMut(Single<'b>)) -> usize {
         let Some((next, n)) = self.singles_available(max) else { return 0 };
         let Access::Direct(d) = &self.access else { return 0 };
+        let bases = Bases::of(d);
         let mut window = self.mem.window();
         let mut i = 0;
         while i < n {
-            let Some(s) = single_at(d, self.mem, self.cfg.size, next, i, &mut window) else { break };
+            let Some(s) = single_at(bases, self.mem, self.cfg.size, next, i, &mut window) else { break };
             f(s);
             i += 1;
         }
@@ -696,11 +697,12 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         let Access::Direct(d) = &self.access else { return 0 };
         let (mem, size, logging) = (self.mem, self.cfg.size, self.logging);
         let used = d.base(Area::Device);
+        let bases = Bases::of(d);
         let start = self.state.next_used;
         let mut window = mem.window();
         let mut i = 0;
         while i < n {
-            let Some(s) = single_at(d, mem, size, next, i, &mut window) else { break };
+            let Some(s) = single_at(bases, mem, size, next, i, &mut window) else { break };
             let written = f(&s).min(s.buf.len() as u32);
             if logging && s.writable && written > 0 {
                 if let Err(e) = mem.log_write(s.phys, u64::from(written)) {
@@ -1127,6 +1129,21 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
     Ok(n)
 }
 
+/// The ring bases a batch pop reads through, taken from `Direct` once per pop rather than once
+/// per chain (after a volatile store the compiler must assume the `Direct` itself changed).
+#[derive(Clone, Copy)]
+struct Bases {
+    avail: *mut u8,
+    desc: *mut u8,
+}
+
+impl Bases {
+    #[inline(always)]
+    fn of(d: &Direct<'_>) -> Self {
+        Self { avail: d.base(Area::Driver), desc: d.base(Area::Desc) }
+    }
+}
+
 /// The batch pops' step: the chain at available entry `next + i` if it is one direct descriptor
 /// (no NEXT, no INDIRECT, non-zero length) whose buffer lies in one region; `None` for anything
 /// else, left to `QueueBatch::pop`. `i` is below the number of entries the driver made available,
@@ -1134,7 +1151,7 @@ fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
 #[inline(always)]
 #[allow(clippy::cast_possible_truncation)] // i < size <= 32768
 fn single_at<'b>(
-    d: &Direct<'_>,
+    d: Bases,
     mem: &'b Batch<'_>,
     size: u16,
     next: u16,
@@ -1146,14 +1163,14 @@ fn single_at<'b>(
     // SAFETY: slot < size, and the available ring's view holds 6 + 2 * size bytes from an
     // aligned base (Direct::new), so the 2 bytes at 4 + 2 * slot are inside it, aligned; u16 is
     // Pod, so any bytes the guest left are a value.
-    let head = u16::from_le(unsafe { d.base(Area::Driver).add(4 + 2 * slot).cast::<u16>().read_volatile() });
+    let head = u16::from_le(unsafe { d.avail.add(4 + 2 * slot).cast::<u16>().read_volatile() });
     if head >= size {
         return None;
     }
     // SAFETY: head < size and the table's view holds 16 * size bytes from a 16-aligned base, so
     // both words of entry `head` are inside it and aligned.
     let (lo, hi) = unsafe {
-        let p = d.base(Area::Desc).add(16 * usize::from(head)).cast::<u64>();
+        let p = d.desc.add(16 * usize::from(head)).cast::<u64>();
         (p.read_volatile(), p.add(1).read_volatile())
     };
     let desc = desc_from_words(lo, hi);
