@@ -363,32 +363,24 @@ impl BlkDevice {
         let proto = watchdog.guard("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
         let mut want =
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
-        if opts.log_shmfd {
-            if !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
-                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
+        type P = VhostUserProtocolFeatures;
+        // What each option needs the backend to offer (REPLY_ACK, which the vIOMMU also needs,
+        // is asked for above).
+        for (asked, feature, name) in [
+            (opts.log_shmfd, P::LOG_SHMFD, "VHOST_USER_PROTOCOL_F_LOG_SHMFD"),
+            (opts.add_mem_reg, P::CONFIGURE_MEM_SLOTS, "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS"),
+            (opts.iommu.is_some(), P::BACKEND_REQ | P::REPLY_ACK, "VHOST_USER_PROTOCOL_F_BACKEND_REQ and REPLY_ACK"),
+            (opts.inflight, P::INFLIGHT_SHMFD, "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD"),
+        ] {
+            if asked {
+                if !proto.contains(feature) {
+                    return Err(BlkError::Missing(name));
+                }
+                want |= feature;
             }
-            want |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
-        if opts.add_mem_reg {
-            if !proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS"));
-            }
-            want |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        }
-        if opts.iommu.is_some() {
-            if offered & VIRTIO_F_ACCESS_PLATFORM == 0 {
-                return Err(BlkError::Missing("VIRTIO_F_ACCESS_PLATFORM"));
-            }
-            if !proto.contains(VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK) {
-                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_BACKEND_REQ and REPLY_ACK"));
-            }
-            want |= VhostUserProtocolFeatures::BACKEND_REQ;
-        }
-        if opts.inflight {
-            if !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
-                return Err(BlkError::Missing("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD"));
-            }
-            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        if opts.iommu.is_some() && offered & VIRTIO_F_ACCESS_PLATFORM == 0 {
+            return Err(BlkError::Missing("VIRTIO_F_ACCESS_PLATFORM"));
         }
         // Device state transfer, where offered (BlkDevice::save_state / load_state).
         want |= proto & VhostUserProtocolFeatures::DEVICE_STATE;
