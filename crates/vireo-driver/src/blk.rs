@@ -758,6 +758,38 @@ impl BlkDevice {
         Ok(buf.iter().map(|b| u64::from(b.count_ones())).sum())
     }
 
+    /// The guest pages (4 KiB page numbers) the dirty log marks, in order.
+    pub fn dirty_page_list(&self) -> Result<Vec<u64>, BlkError> {
+        let Some((fd, len)) = &self.log else { return Ok(Vec::new()) };
+        let mut buf = vec![0u8; usize::try_from(*len).unwrap_or(0)];
+        rustix::io::pread(fd, &mut buf, 0).map_err(|e| BlkError::Io(e.into()))?;
+        Ok((0..buf.len() as u64 * 8).filter(|&p| buf[(p / 8) as usize] & (1 << (p % 8)) != 0).collect())
+    }
+
+    /// Clears the dirty log, as a frontend does after it has synced the pages.
+    pub fn clear_dirty_log(&self) -> Result<(), BlkError> {
+        let Some((fd, len)) = &self.log else { return Ok(()) };
+        let zeros = vec![0u8; usize::try_from(*len).unwrap_or(0)];
+        rustix::io::pwrite(fd, &zeros, 0).map_err(|e| BlkError::Io(e.into()))?;
+        Ok(())
+    }
+
+    /// The guest physical ranges of queue `q`'s rings (descriptor area, driver area, device
+    /// area) and of `slot`'s header, data and status, as `(start, length)`.
+    pub fn layout(&self, q: usize, slot: u16) -> ([(u64, u64); 3], [(u64, u64); 3]) {
+        let size = u64::from(self.queue_size);
+        let (rings, lens) = match &self.queues[q].ring {
+            Ring::Split(r) => (r.addrs(), [16 * size, 6 + 2 * size, 6 + 8 * size]),
+            Ring::Packed(r) => (r.addrs(), [16 * size, 4, 4]),
+        };
+        let s = self.queues[q].slots[usize::from(slot)];
+        let max = self.max_request as u64;
+        (
+            [(rings.0.raw(), lens[0]), (rings.1.raw(), lens[1]), (rings.2.raw(), lens[2])],
+            [(s.header.raw(), 16), (s.data.raw(), max), (s.status.raw(), 1)],
+        )
+    }
+
     /// Waits up to `timeout` for completions on any queue; returns them with their queue.
     pub fn wait_any(&mut self, timeout: Duration, out: &mut Vec<(usize, Completion)>) -> Result<usize, BlkError> {
         let mut buf = Vec::new();
