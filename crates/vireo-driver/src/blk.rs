@@ -297,6 +297,9 @@ struct BlkQueue {
     pending_kick: bool,
 }
 
+/// A range of guest physical memory: start and length.
+pub type Extent = (u64, u64);
+
 /// A finished request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -776,7 +779,7 @@ impl BlkDevice {
 
     /// The guest physical ranges of queue `q`'s rings (descriptor area, driver area, device
     /// area) and of `slot`'s header, data and status, as `(start, length)`.
-    pub fn layout(&self, q: usize, slot: u16) -> ([(u64, u64); 3], [(u64, u64); 3]) {
+    pub fn layout(&self, q: usize, slot: u16) -> ([Extent; 3], [Extent; 3]) {
         let size = u64::from(self.queue_size);
         let (rings, lens) = match &self.queues[q].ring {
             Ring::Split(r) => (r.addrs(), [16 * size, 6 + 2 * size, 6 + 8 * size]),
