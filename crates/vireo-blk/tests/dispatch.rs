@@ -117,7 +117,7 @@ fn reply_ack_status_and_refusals() {
     cfg[4] = 4;
     c.send(25, NEED_REPLY, &cfg);
     assert_ne!(c.u64_reply(25), 0);
-    c.send(7, NEED_REPLY, &[]); // SET_LOG_FD: not offered (LOG_SHMFD is)
+    c.send(7, NEED_REPLY, &[]); // SET_LOG_FD without its eventfd
     assert_ne!(c.u64_reply(7), 0);
     c.send(4, NEED_REPLY, &[]); // RESET_OWNER: rings stopped, features forgotten
     assert_eq!(c.u64_reply(4), 0);

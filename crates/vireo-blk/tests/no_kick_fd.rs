@@ -16,6 +16,11 @@ use vireo_vhost::VhostUserBackend;
 #[test]
 fn a_ring_without_kick_fd_is_polled() {
     let (mut backend, mut ram, mut drv) = common::polled_ring("polled-ring");
+    // Dirty logging on, with SET_LOG_FD's eventfd: it is kicked once the device has logged.
+    let log = vireo_memory::memfd("log", 4096).unwrap();
+    backend.set_log_base(&vhost::vhost_user::message::VhostUserLog::new(4096, 0), std::fs::File::from(log)).unwrap();
+    let kick = rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).unwrap();
+    backend.set_log_fd(std::fs::File::from(kick.try_clone().unwrap()));
 
     // GET_ID: header, 20-byte id buffer, status byte. Published, never kicked.
     let header = ram.alloc(16, 16).unwrap();
@@ -51,6 +56,9 @@ fn a_ring_without_kick_fd_is_polled() {
     let state = backend.get_vring_base(0).unwrap();
     let consumed = { state.num };
     assert_eq!(consumed, 1, "one chain consumed");
+    let mut count = [0u8; 8];
+    assert_eq!(rustix::io::read(&kick, &mut count).unwrap(), 8, "the dirty log's eventfd was kicked");
+    assert!(u64::from_ne_bytes(count) >= 1);
 }
 
 /// Every ring message with a queue index the device does not have is refused, not a panic

@@ -96,6 +96,8 @@ impl DirtyLog {
 #[derive(Debug, Default)]
 pub struct LogCache {
     entries: Vec<(u64, u8)>,
+    /// Flushes that set bits, ever (what a SET_LOG_FD eventfd is kicked for).
+    flushes: u64,
 }
 
 /// How many distinct log bytes a cache holds before it flushes on its own.
@@ -104,7 +106,7 @@ pub const LOG_CACHE_ENTRIES: usize = 32;
 impl LogCache {
     /// An empty cache.
     pub fn new() -> Self {
-        Self { entries: Vec::with_capacity(LOG_CACHE_ENTRIES) }
+        Self { entries: Vec::with_capacity(LOG_CACHE_ENTRIES), flushes: 0 }
     }
 
     /// Records a write of `len` bytes at `gpa`; flushes into `log` when the cache is full.
@@ -133,10 +135,18 @@ impl LogCache {
 
     /// ORs every cached bit into `log`.
     pub fn flush(&mut self, log: &DirtyLog) -> Result<(), MemoryError> {
+        if !self.entries.is_empty() {
+            self.flushes = self.flushes.wrapping_add(1);
+        }
         for (byte, mask) in self.entries.drain(..) {
             log.or_byte(byte, mask)?;
         }
         Ok(())
+    }
+
+    /// How many flushes have set bits so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
     }
 
     /// Whether bits are waiting.

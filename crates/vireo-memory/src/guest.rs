@@ -514,6 +514,11 @@ impl QueueMemory {
         self.shared.iotlb_gen.load(Acquire)
     }
 
+    /// Moves every time this queue's batches set bits in the dirty log.
+    pub fn log_flushes(&self) -> u64 {
+        self.log_cache.flushes()
+    }
+
     /// Begins a batch. `ranges` (at most [`MAX_CACHED`], one fewer behind a vIOMMU) are the
     /// guest ranges the caller wants direct pointers to, for reading and writing;
     /// [`Batch::cached`] has them when the cache is valid and could be (re)filled.

@@ -302,6 +302,12 @@ impl Queue {
         self.mem.iotlb_generation()
     }
 
+    /// Moves every time this queue sets bits in the dirty log (vhost-user's SET_LOG_FD eventfd
+    /// is kicked for it).
+    pub fn log_flushes(&self) -> u64 {
+        self.mem.log_flushes()
+    }
+
     /// Runs `f` in a memory batch that uses no ring: a queue parked on an IOTLB miss still
     /// completes the I/O it has in flight (whose pins an invalidation may be waiting for).
     pub fn with_memory<R>(&mut self, f: impl FnOnce(&Batch<'_>) -> R) -> R {

@@ -18,7 +18,7 @@ use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, IotlbEntry, Perm, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
 use vireo_queue::{packed_region_size, split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
-use crate::channel::BackendChannel;
+use crate::channel::{BackendChannel, LogKick};
 use crate::device::Device;
 use crate::dispatch;
 use crate::state::Transfer;
@@ -94,6 +94,8 @@ pub struct VhostUserBackend {
     status: u8,
     /// The backend channel (SET_BACKEND_REQ_FD), shared with the workers.
     channel: Arc<BackendChannel>,
+    /// SET_LOG_FD's eventfd, shared with the workers.
+    log_kick: Arc<LogKick>,
     /// A DEVICE_STATE transfer in progress: the thread that writes or reads the state, and its
     /// verdict (CHECK_DEVICE_STATE).
     transfer: Option<Transfer>,
@@ -146,6 +148,7 @@ impl VhostUserBackend {
             inflight: None,
             status: 0,
             channel: Arc::new(BackendChannel::new()),
+            log_kick: Arc::default(),
             iotlb_updates: 0,
             iotlb_invalidations: 0,
             transfer: None,
@@ -201,6 +204,12 @@ impl VhostUserBackend {
             }
             _ => Err(invalid("IOTLB message type other than update or invalidate")),
         }
+    }
+
+    /// SET_LOG_FD: an eventfd kicked whenever a queue has set bits in the dirty log.
+    pub fn set_log_fd(&mut self, fd: File) {
+        tracing::debug!("dirty log eventfd set");
+        self.log_kick.set(Some(fd));
     }
 
     /// SET_BACKEND_REQ_FD.
@@ -295,6 +304,7 @@ impl VhostUserBackend {
             poll: self.poll,
             broken,
             channel: self.channel.clone(),
+            log_kick: self.log_kick.clone(),
         };
         self.workers.start(start).map_err(VuError::ReqHandlerError)?;
         self.rings[index].running = true;

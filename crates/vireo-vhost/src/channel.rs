@@ -37,6 +37,28 @@ pub enum ChannelError {
     Io(#[from] std::io::Error),
 }
 
+/// SET_LOG_FD's eventfd: kicked after a queue has set bits in the dirty log (a frontend that
+/// asks for it syncs the log when kicked).
+#[derive(Debug, Default)]
+pub struct LogKick {
+    fd: Mutex<Option<std::fs::File>>,
+}
+
+impl LogKick {
+    /// The eventfd to kick (replacing any earlier one), or none.
+    pub fn set(&self, fd: Option<std::fs::File>) {
+        *self.fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+
+    /// Signals the eventfd, if there is one (never blocks: an eventfd write only fails when the
+    /// counter would overflow, and then the frontend has a kick to read anyway).
+    pub fn kick(&self) {
+        if let Some(f) = self.fd.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = rustix::io::write(f, &1u64.to_ne_bytes());
+        }
+    }
+}
+
 /// A `struct vhost_iotlb_msg` from the backend: size (8..16) and uaddr (16..24) unused.
 fn iotlb_payload(iova: u64, perm: Perm, kind: u8) -> [u8; IOTLB_MSG_SIZE] {
     let mut payload = [0u8; IOTLB_MSG_SIZE];

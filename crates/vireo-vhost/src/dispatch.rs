@@ -448,13 +448,17 @@ fn dispatch(b: &mut VhostUserBackend, msg: &mut Message) -> Result<Option<Reply>
         want_size(msg, 0)?;
         b.check_device_state()?;
         return Ok(Some(Reply::u64(0)));
+    } else if is(R::SET_LOG_FD) {
+        want_size(msg, 0)?;
+        let file = one_file(msg)?;
+        b.set_log_fd(file);
     } else if is(R::SET_BACKEND_REQ_FD) {
         want_size(msg, 0)?;
         let file = one_file(msg)?;
         b.set_backend_req_fd(UnixStream::from(std::os::fd::OwnedFd::from(file)));
     } else {
-        // SET_LOG_FD, SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects: not offered, so a
-        // conforming frontend does not send them.
+        // SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects: not offered, so a conforming
+        // frontend does not send them.
         return Err(Refusal(format!("request {code} is not supported")));
     }
     Ok(None)

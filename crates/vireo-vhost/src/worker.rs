@@ -20,7 +20,7 @@ use vireo_memory::Perm;
 use vireo_queue::{Queue, QueueBatch, QueueError, UsedToken};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::channel::BackendChannel;
+use crate::channel::{BackendChannel, LogKick};
 use crate::device::{Device, Engine};
 
 /// What the control side hands a worker thread to start a queue.
@@ -37,6 +37,8 @@ pub(crate) struct QueueStart {
     pub broken: Arc<std::sync::atomic::AtomicBool>,
     /// Where IOTLB misses go.
     pub channel: Arc<BackendChannel>,
+    /// SET_LOG_FD's eventfd.
+    pub log_kick: Arc<LogKick>,
 }
 
 enum Command {
@@ -171,6 +173,7 @@ struct Served {
     /// Waiting for the frontend to answer an IOTLB miss.
     parked: Option<Parked>,
     channel: Arc<BackendChannel>,
+    log_kick: Arc<LogKick>,
     idle: u32,
     /// The last `run` stopped with work left (see `MAX_PASSES`), or the engine could not submit.
     backlog: bool,
@@ -200,6 +203,7 @@ impl Served {
             stash: Vec::new(),
             parked: None,
             channel: s.channel,
+            log_kick: s.log_kick,
             idle: 0,
             backlog: false,
         }
@@ -370,6 +374,7 @@ impl Served {
             passes += 1;
             let (index, poll) = (self.index, self.poll || spin);
             let generation = self.queue.iotlb_generation();
+            let flushes = self.queue.log_flushes();
             let (device, engine, done, stash) = (&*self.device, &mut self.engine, &mut self.done, &mut self.stash);
             let call = self.call.as_ref();
             let res = self.queue.process(|qb| {
@@ -383,6 +388,9 @@ impl Served {
             match res {
                 Ok((Ok((n, more)), notify)) => {
                     self.signal(notify);
+                    if self.queue.log_flushes() != flushes {
+                        self.log_kick.kick();
+                    }
                     worked |= n > 0 || notify;
                     self.backlog = self.engine.as_ref().is_some_and(|e| e.pending_submit());
                     if !more {
