@@ -749,6 +749,10 @@ impl BlkDevice {
         let fe = &self.fe;
         self.watchdog.guard("SET_LOG_BASE", || fe.set_log_base(0, Some(region)))?;
         self.watchdog.guard("SET_FEATURES", || fe.set_features(self.features | VHOST_F_LOG_ALL))?;
+        // SET_FEATURES has no reply: a request made right after could be served before the
+        // backend has switched logging on. A request that is answered, handled in order, makes
+        // sure it has (QEMU asks for REPLY_ACK on this SET_FEATURES for the same reason).
+        self.watchdog.guard("GET_FEATURES", || fe.get_features())?;
         self.log = Some((fd, log_bytes));
         Ok(())
     }
