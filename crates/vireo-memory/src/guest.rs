@@ -699,6 +699,9 @@ struct LastRegion {
     /// Slots are below NUM_SLOTS, which fits u16.
     slot: u16,
     perm: Perm,
+    /// `len` for the accesses `perm` allows, 0 for the others: index 0 reading, 1 writing. The
+    /// fast paths check the right and the bounds with one compare against `lim[writable]`.
+    lim: [u64; 2],
 }
 
 /// The region a batch translated into last, as a linear window of the driver's addresses: a
@@ -714,9 +717,20 @@ impl<'b> Window<'b> {
     /// `len` bytes at `addr` for `perm`, when they lie inside the window.
     #[inline(always)]
     pub fn translate(&self, addr: GuestPhysAddr, len: u32, perm: Perm) -> Option<Piece<'b>> {
+        if !self.last.perm.allows(perm) {
+            return None;
+        }
+        self.translate_for(addr, len, perm == Perm::WRITE)
+    }
+
+    /// [`Window::translate`] for a buffer the device reads (`writable` false) or writes: the
+    /// right and the bounds in one compare.
+    #[inline(always)]
+    pub fn translate_for(&self, addr: GuestPhysAddr, len: u32, writable: bool) -> Option<Piece<'b>> {
         let l = &self.last;
+        let lim = l.lim[usize::from(writable)];
         let off = addr.raw().wrapping_sub(l.gpa);
-        if off >= l.len || u64::from(len) > l.len - off || !l.perm.allows(perm) {
+        if off >= lim || u64::from(len) > lim - off {
             return None;
         }
         // off < l.len, a mapping's length, which fits usize.
@@ -732,7 +746,12 @@ impl<'b> Window<'b> {
 
 impl LastRegion {
     /// No region: every address falls outside it.
-    const NONE: LastRegion = LastRegion { gpa: 0, len: 0, host: 0, phys: 0, slot: 0, perm: Perm::NONE };
+    const NONE: LastRegion = LastRegion { gpa: 0, len: 0, host: 0, phys: 0, slot: 0, perm: Perm::NONE, lim: [0, 0] };
+
+    fn new(gpa: u64, len: u64, host: usize, phys: u64, slot: u16, perm: Perm) -> Self {
+        let lim = [Perm::READ, Perm::WRITE].map(|p| if perm.allows(p) { len } else { 0 });
+        Self { gpa, len, host, phys, slot, perm, lim }
+    }
 }
 
 /// A translated piece of guest memory: where it is in the host, the guest physical address it
@@ -820,8 +839,8 @@ impl<'q> Batch<'q> {
     /// [`Batch::translate_piece`]'s fast path alone: `len` bytes at `addr` in the region this
     /// batch translated into last, or `None` (then translate normally).
     #[inline(always)]
-    pub fn translate_fast(&self, addr: GuestPhysAddr, len: u32, perm: Perm) -> Option<Piece<'_>> {
-        Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate(addr, len, perm)
+    pub fn translate_fast(&self, addr: GuestPhysAddr, len: u32, writable: bool) -> Option<Piece<'_>> {
+        Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate_for(addr, len, writable)
     }
 
     /// The region this batch translated into last (pinned for the batch), if any.
@@ -947,14 +966,14 @@ impl<'q> Batch<'q> {
             None => {
                 let t = map.translate(addr).ok_or_else(unmapped)?;
                 let r = map.region(t.index);
-                let last = LastRegion {
-                    gpa: r.gpa().raw(),
-                    len: r.size(),
-                    host: r.mapping.as_ptr() as usize,
-                    phys: r.gpa().raw(),
-                    slot: slot16(r.slot()),
-                    perm: Perm::RW,
-                };
+                let last = LastRegion::new(
+                    r.gpa().raw(),
+                    r.size(),
+                    r.mapping.as_ptr() as usize,
+                    r.gpa().raw(),
+                    slot16(r.slot()),
+                    Perm::RW,
+                );
                 Ok((t, last))
             }
             Some(tlb) => {
@@ -969,14 +988,7 @@ impl<'q> Batch<'q> {
                 let host =
                     r.mapping.as_ptr() as usize + usize::try_from(lo - r.user_addr().raw()).map_err(|_| unmapped())?;
                 let phys = r.gpa().raw() + (lo - r.user_addr().raw());
-                let last = LastRegion {
-                    gpa: e.iova + (lo - e.uaddr),
-                    len: hi - lo,
-                    host,
-                    phys,
-                    slot: slot16(r.slot()),
-                    perm: e.perm,
-                };
+                let last = LastRegion::new(e.iova + (lo - e.uaddr), hi - lo, host, phys, slot16(r.slot()), e.perm);
                 Ok((t, last))
             }
         }

@@ -99,7 +99,7 @@ impl Segments {
         t.readable.checked_add(t.writable).ok_or_else(|| QueueError::LengthOverflow { head })?;
         self.totals = t;
         // The common case: the whole buffer in one region.
-        if let Some(p) = mem.translate_fast(GuestPhysAddr::new(addr), len, access(writable)) {
+        if let Some(p) = mem.translate_fast(GuestPhysAddr::new(addr), len, writable) {
             self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
             return Ok(());
         }

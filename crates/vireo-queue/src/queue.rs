@@ -692,7 +692,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     // descriptor (u32) as u32.
     #[allow(clippy::cast_possible_truncation)]
     #[inline]
-    pub fn complete_singles(&mut self, max: usize, mut f: impl FnMut(&Single<'b>) -> u32) -> usize {
+    pub fn complete_singles(&mut self, max: usize, mut f: impl FnMut(Single<'b>) -> u32) -> usize {
         let Some((next, n)) = self.singles_available(max) else { return 0 };
         if self.used_added == 0 {
             if self.ensure_used_known().is_err() {
@@ -709,7 +709,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         let mut i = 0;
         while i < n {
             let Some(s) = single_at(bases, mem, size, next, i, &mut window) else { break };
-            let written = f(&s).min(s.buf.len() as u32);
+            let written = f(s).min(s.buf.len() as u32);
             if logging && s.writable && written > 0 {
                 if let Err(e) = mem.log_write(s.phys, u64::from(written)) {
                     tracing::warn!(error = %e, "buffer write not logged");
@@ -1185,7 +1185,7 @@ fn single_at<'b>(
     }
     let writable = desc.flags_or_id & DESC_F_WRITE != 0;
     let addr = GuestPhysAddr::new(desc.addr);
-    let piece = match window.and_then(|w| w.translate(addr, desc.len, access(writable))) {
+    let piece = match window.and_then(|w| w.translate_for(addr, desc.len, writable)) {
         Some(p) => p,
         None => {
             let p = mem.translate_piece(addr, u64::from(desc.len), access(writable), false).ok()?;
@@ -1217,7 +1217,7 @@ fn split_fast_pop(
         return None;
     }
     let writable = desc.flags_or_id & DESC_F_WRITE != 0;
-    let p = mem.translate_fast(GuestPhysAddr::new(desc.addr), desc.len, access(writable))?;
+    let p = mem.translate_fast(GuestPhysAddr::new(desc.addr), desc.len, writable)?;
     segs.set_single(&p, desc.len, writable);
     state.next_avail = state.next_avail.wrapping_add(1);
     Some(head)
