@@ -571,11 +571,6 @@ impl BlkDevice {
         Ok(())
     }
 
-    /// The IOVA the device sees for guest address `gpa` (itself without a vIOMMU).
-    pub fn iova(&self, gpa: GuestPhysAddr) -> u64 {
-        self.ram.dma(gpa)
-    }
-
     /// The addresses the device is given for `slot` of queue `q`: header, data and status
     /// (IOVAs behind the vIOMMU).
     pub fn slot_iovas(&self, q: usize, slot: u16) -> (u64, u64, u64) {

@@ -344,11 +344,6 @@ impl GuestMemory {
         }
     }
 
-    /// Whether translation goes through the IOTLB.
-    pub fn iotlb_enabled(&self) -> bool {
-        lock(&self.shared.iotlb).is_some()
-    }
-
     /// The IOTLB in force (tests look at it).
     pub fn iotlb(&self) -> Option<StdArc<IotlbTable>> {
         lock(&self.shared.iotlb).clone()
@@ -714,17 +709,8 @@ pub struct Window<'b> {
 }
 
 impl<'b> Window<'b> {
-    /// `len` bytes at `addr` for `perm`, when they lie inside the window.
-    #[inline(always)]
-    pub fn translate(&self, addr: GuestPhysAddr, len: u32, perm: Perm) -> Option<Piece<'b>> {
-        if !self.last.perm.allows(perm) {
-            return None;
-        }
-        self.translate_for(addr, len, perm == Perm::WRITE)
-    }
-
-    /// [`Window::translate`] for a buffer the device reads (`writable` false) or writes: the
-    /// right and the bounds in one compare.
+    /// `len` bytes at `addr` for a buffer the device reads (`writable` false) or writes, when
+    /// they lie inside the window: the right and the bounds in one compare.
     #[inline(always)]
     pub fn translate_for(&self, addr: GuestPhysAddr, len: u32, writable: bool) -> Option<Piece<'b>> {
         let l = &self.last;

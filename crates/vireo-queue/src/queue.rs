@@ -976,11 +976,6 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         self.publish()
     }
 
-    /// Used elements added so far in this batch and not yet published.
-    pub fn unpublished(&self) -> u16 {
-        self.used_added
-    }
-
     /// Publishes the used elements added so far (the dirty log first), as the end of the batch
     /// does, and says whether the driver must be notified; the batch goes on. A worker that
     /// completes many chains in one batch publishes part-way, so that the driver can start on

@@ -159,16 +159,7 @@ impl VhostUserBackend {
     /// iothread `poll-max-ns`; 32 µs by default, zero to sleep at once). Takes effect for
     /// threads not started yet: call before any ring starts.
     pub fn set_poll_max(&mut self, window: std::time::Duration) {
-        self.workers = WorkerPool::new(self.workers_max(), window);
-    }
-
-    fn workers_max(&self) -> usize {
-        self.workers.max_threads()
-    }
-
-    /// The backend channel (a device sends configuration change notices on it).
-    pub fn channel(&self) -> &Arc<BackendChannel> {
-        &self.channel
+        self.workers = WorkerPool::new(self.workers.max_threads(), window);
     }
 
     /// Whether the driver's addresses go through an IOTLB (VIRTIO_F_ACCESS_PLATFORM).

@@ -1,6 +1,5 @@
 //! The backend channel (SET_BACKEND_REQ_FD): the socket on which the backend sends requests to
-//! the frontend. Vireo sends IOTLB misses (a queue needs a translation) and configuration change
-//! notices on it, and never asks for a reply.
+//! the frontend. Vireo sends IOTLB misses (a queue needs a translation) and access failures on it, and never asks for a reply.
 //!
 //! Workers send on it, so a send must never wait: the frontend reads this socket from the same
 //! loop that waits for Vireo's replies, and a worker blocked here could be the one an
@@ -14,7 +13,6 @@ use vireo_memory::Perm;
 
 /// Backend request codes (vhost-user's VHOST_USER_BACKEND_*).
 const BACKEND_IOTLB_MSG: u32 = 1;
-const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Header flags: protocol version 1, no reply wanted.
 const FLAG_VERSION: u32 = 0x1;
 /// `struct vhost_iotlb_msg` type field: a miss, an access failure.
@@ -86,11 +84,6 @@ impl BackendChannel {
         *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = sock;
     }
 
-    /// Whether there is a socket.
-    pub fn is_connected(&self) -> bool {
-        self.sock.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
     /// Asks the frontend for the IOTLB entry covering `iova`, for `perm` access.
     pub fn iotlb_miss(&self, iova: u64, perm: Perm) -> Result<(), ChannelError> {
         self.send(BACKEND_IOTLB_MSG, &iotlb_payload(iova, perm, IOTLB_MISS))?;
@@ -107,12 +100,6 @@ impl BackendChannel {
     /// IOTLB misses sent.
     pub fn misses_sent(&self) -> u64 {
         self.misses.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Tells the frontend that the device configuration space changed (the guest is then
-    /// interrupted with a configuration change notification).
-    pub fn config_changed(&self) -> Result<(), ChannelError> {
-        self.send(BACKEND_CONFIG_CHANGE_MSG, &[])
     }
 
     fn send(&self, code: u32, payload: &[u8]) -> Result<(), ChannelError> {
