@@ -455,13 +455,27 @@ impl QueueHandle {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct LocalCache {
     /// The guest ranges the cache was filled for.
     ranges: [(u64, u64); MAX_CACHED],
     count: usize,
     /// Host address and length of each range.
     views: [(usize, usize); MAX_CACHED],
+    /// The whole region the first range lies in (without an IOTLB; `LastRegion::NONE` behind
+    /// one): a batch that uses the cache starts with it as its last region, so that buffers in
+    /// the rings' region (usually all of them) translate without pinning it. The cache keeps it
+    /// mapped for the batch as it keeps the rings: an invalidation that retires a region the
+    /// cache points into clears the cache and waits for the batch in progress to end before it
+    /// looks at pins (`Domain::invalidate_start`), so the region stays until the batch ends, and
+    /// an I/O pin taken on it during the batch (`Gate::pin_again`) is seen by that look.
+    window: LastRegion,
+}
+
+impl Default for LocalCache {
+    fn default() -> Self {
+        Self { ranges: [(0, 0); MAX_CACHED], count: 0, views: [(0, 0); MAX_CACHED], window: LastRegion::NONE }
+    }
 }
 
 /// One queue's view of guest memory: the reader side of the protocol. Owned by the thread that
@@ -553,7 +567,7 @@ impl QueueMemory {
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
             pinned: RefCell::new(PinList::default()),
-            last: Cell::new(LastRegion::NONE),
+            last: Cell::new(if cache_hit { self.cache.window } else { LastRegion::NONE }),
             cache_hit,
             log,
             log_cache: RefCell::new(&mut self.log_cache),
@@ -593,6 +607,7 @@ impl QueueMemory {
         }
         let mut ids = [0u64; MAX_CACHED];
         let mut views = [(0usize, 0usize); MAX_CACHED];
+        let mut window = LastRegion::NONE;
         for (i, &(gpa, len)) in ranges.iter().enumerate() {
             if len == 0 {
                 return None;
@@ -613,8 +628,19 @@ impl QueueMemory {
                 // The range spans two regions: no single pointer; the translating path serves it.
                 return None;
             }
-            ids[i] = self.map.region(t.index).id();
+            let r = self.map.region(t.index);
+            ids[i] = r.id();
             views[i] = (t.host, usize::try_from(len).ok()?);
+            if i == 0 && self.iotlb.is_none() {
+                window = LastRegion::new(
+                    r.gpa().raw(),
+                    r.size(),
+                    r.mapping.as_ptr() as usize,
+                    r.gpa().raw(),
+                    slot16(r.slot()),
+                    Perm::RW,
+                );
+            }
         }
         let mut n = ranges.len();
         if let Some(tlb) = &self.iotlb {
@@ -630,6 +656,7 @@ impl QueueMemory {
             c.ranges[i] = (r.0.raw(), r.1);
         }
         c.views = views;
+        c.window = window;
         Some(())
     }
 }
@@ -706,6 +733,11 @@ struct LastRegion {
 pub struct Window<'b> {
     last: LastRegion,
     _batch: std::marker::PhantomData<&'b ()>,
+}
+
+impl Window<'static> {
+    /// A window in which nothing is found.
+    pub const EMPTY: Window<'static> = Window { last: LastRegion::NONE, _batch: std::marker::PhantomData };
 }
 
 impl<'b> Window<'b> {
@@ -791,8 +823,9 @@ pub struct Batch<'q> {
     map: RefCell<&'q mut StdArc<MemoryMap>>,
     pinned: RefCell<PinList>,
     /// The region of the last translation, already pinned for this batch: buffers of one batch
-    /// almost always fall in the same region, and then translating is two compares.
-    /// `LastRegion::NONE` (an empty range: nothing matches it) until the first translation.
+    /// almost always fall in the same region, and then translating is two compares. A batch that
+    /// uses the cached translation starts with the rings' region (`LocalCache::window`), held by
+    /// the cache instead of a pin; others with `LastRegion::NONE` (nothing matches it).
     last: Cell<LastRegion>,
     /// Whether the cached translation serves this batch.
     cache_hit: bool,
@@ -829,11 +862,11 @@ impl<'q> Batch<'q> {
         Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate_for(addr, len, writable)
     }
 
-    /// The region this batch translated into last (pinned for the batch), if any.
+    /// The region this batch translated into last (pinned for the batch); before the batch's
+    /// first translation an empty window, in which nothing is found.
     #[inline(always)]
-    pub fn window(&self) -> Option<Window<'_>> {
-        let last = self.last.get();
-        (last.len != 0).then_some(Window { last, _batch: std::marker::PhantomData })
+    pub fn window(&self) -> Window<'_> {
+        Window { last: self.last.get(), _batch: std::marker::PhantomData }
     }
 
     /// Behind an IOTLB: checks that `[addr, addr + len)` is fully covered with `perm`, so that a
@@ -1102,7 +1135,8 @@ impl<'q> Batch<'q> {
 
     /// A pin for an I/O that goes on after the batch (an io_uring read into a guest buffer): the
     /// region holding `gpa` is not retired until the pin is dropped. The batch must already hold
-    /// the region pinned (any translation of `gpa` in this batch did that).
+    /// the region (any translation of `gpa` in this batch did that: by a pin, or by the cached
+    /// translation for the rings' region).
     ///
     /// Behind an IOTLB the pin also holds the IOTLB generation: an invalidation of the IOVA
     /// waits for the I/O too.
@@ -1124,8 +1158,8 @@ impl<'q> Batch<'q> {
     pub fn io_pins(&self, slots: impl Iterator<Item = u16>, out: &mut Vec<IoPin>) {
         let mut add = |slot: usize| {
             if !out.iter().any(|p| p.slot == slot) {
-                // The batch holds this slot pinned (it translated into it), so no retiring
-                // check is needed.
+                // The batch holds this slot pinned (it translated into it), or its cached
+                // translation is in it (`LocalCache::window`), so no retiring check is needed.
                 self.gate.pin_again(slot);
                 out.push(IoPin { gate: self.gate.clone(), slot, iotlb_slot: None });
             }

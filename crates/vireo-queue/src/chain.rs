@@ -1,6 +1,6 @@
 //! Descriptor chains as the device sees them: validated, and resolved into host segments.
 
-use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, IoPin, Perm, Piece};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, IoPin, Perm};
 
 use crate::error::QueueError;
 
@@ -68,15 +68,6 @@ impl Segments {
     pub fn clear(&mut self) {
         self.segs.clear();
         self.totals = Totals::default();
-    }
-
-    /// Makes the chain one already-translated buffer (the fast path's single descriptor).
-    #[inline(always)]
-    pub fn set_single(&mut self, p: &Piece<'_>, len: u32, writable: bool) {
-        self.segs.clear();
-        self.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
-        let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
-        self.totals = Totals { readable, writable: writable_len, seen_writable: writable };
     }
 
     /// Adds one descriptor's buffer: checks it and translates it (pinning its regions), split

@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+mod cached;
 mod chain;
 mod error;
 mod inflight;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, Perm, QueueHandle, QueueMemory, MAX_CACHED};
 
+use crate::cached;
 use crate::chain::{
     access, Chain, Descriptor, Segments, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE,
     MAX_INDIRECT,
@@ -611,7 +612,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         // which starts over and does every check; nothing is changed unless this succeeds.
         if let (Kind::Split { avail_shadow, .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
             if self.state.next_avail != *avail_shadow {
-                if let Some(id) = split_fast_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
+                if let Some(id) = split_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
                     if self.inflight.is_some() {
                         self.inflight_record(id, Inflight::mark)?;
                     }
@@ -623,6 +624,14 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             return self.pop_resubmit_packed();
         }
         let head_slot = self.state.next_avail;
+        if let (Kind::Packed { .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
+            if let Some((id, count)) = packed_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
+                if self.packed_inflight.is_some() {
+                    self.packed_take(head_slot, count)?;
+                }
+                return Ok(Some(Chain::new(id, count, self.segs)));
+            }
+        }
         let res = match self.kind {
             Kind::Split { .. } => {
                 with_access!(self, r => pop_split(r, self.mem, self.cfg.size, self.state, self.kind, self.segs))
@@ -701,31 +710,18 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             self.batch_used_start = self.state.next_used;
         }
         let Access::Direct(d) = &self.access else { return 0 };
-        let (mem, size, logging) = (self.mem, self.cfg.size, self.logging);
-        let used = d.base(Area::Device);
-        let bases = Bases::of(d);
+        let (mem, size) = (self.mem, self.cfg.size);
+        let rings = SinglesRings { avail: d.base(Area::Driver), desc: d.base(Area::Desc), used: d.base(Area::Device) };
         let start = self.state.next_used;
-        let mut window = mem.window();
-        let mut i = 0;
-        while i < n {
-            let Some(s) = single_at(bases, mem, size, next, i, &mut window) else { break };
-            let written = f(s).min(s.buf.len() as u32);
-            if logging && s.writable && written > 0 {
-                if let Err(e) = mem.log_write(s.phys, u64::from(written)) {
-                    tracing::warn!(error = %e, "buffer write not logged");
-                }
-            }
-            // i < n <= size: the slot is below the ring size.
-            let slot = usize::from(start.wrapping_add(i as u16) & (size - 1));
-            // SAFETY: slot < size and the used ring's view holds 6 + 8 * size bytes from a
-            // 4-aligned base (Direct::new), so the element at 4 + 8 * slot is inside it, aligned.
-            unsafe {
-                let p = used.add(4 + 8 * slot).cast::<u32>();
-                p.write_volatile(u32::from(s.id).to_le());
-                p.add(1).write_volatile(written.to_le());
-            }
-            i += 1;
-        }
+        // Two copies of the loop: the one without logging has no logging test in it.
+        let i = if self.logging {
+            // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
+            // checked their lengths and alignment); n <= size entries are available.
+            unsafe { complete_singles_loop::<true, _>(rings, mem, size, next, start, n, &mut f) }
+        } else {
+            // SAFETY: as above.
+            unsafe { complete_singles_loop::<false, _>(rings, mem, size, next, start, n, &mut f) }
+        };
         // i <= size fits u16.
         let k = i as u16;
         self.state.next_avail = next.wrapping_add(k);
@@ -737,6 +733,145 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             }
         }
         i
+    }
+
+    /// Pops up to `max` available chains and hands each to `f`, which does the device's work
+    /// and says what became of the chain: `Some(written)` completes it at once (the `written`
+    /// bytes are logged while logging is on, and the used element is written in the same loop),
+    /// `None` leaves it in flight, to be completed later with [`QueueBatch::add_used`] and its
+    /// token. Returns how many chains were popped; the used elements are published as
+    /// [`QueueBatch::add_used`]'s are (by [`QueueBatch::publish`] or the end of the batch).
+    ///
+    /// This is `pop` and `add_used` in one loop: on the cached path each chain goes through the
+    /// cached walker (`cached.rs`) and its used element is two stores (split) or three (packed),
+    /// with the ring pointers, the region window and the counters kept in registers across the
+    /// loop. Anything the cached walker doubts, and every queue it does not serve (translating
+    /// path, inflight tracking, a chain to resubmit), goes through `pop` and `add_used`; the
+    /// chains, their checks and their errors are the same either way.
+    pub fn pop_each(&mut self, max: usize, mut f: impl FnMut(&Chain<'_>) -> Option<u32>) -> Result<usize, QueueError> {
+        let mem = self.mem;
+        let mut done = 0;
+        while done < max {
+            done += match (&*self.kind, &self.access) {
+                (Kind::Split { .. }, Access::Direct(_)) => self.split_each(max - done, &mut f)?,
+                (Kind::Packed { .. }, Access::Direct(_)) => self.packed_each(max - done, &mut f)?,
+                _ => 0,
+            };
+            if done == max {
+                break;
+            }
+            // What the loop above left: a chain it doubted, or a queue it does not serve.
+            let Some(chain) = self.pop()? else { break };
+            let token = chain.token();
+            let finished = f(&chain);
+            if let Some(written) = finished {
+                chain.log_written(mem, written)?;
+            }
+            if let Some(written) = finished {
+                self.add_used(token, written)?;
+            }
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// `pop_each`'s loop on a cached split ring. Stops at the first chain the cached walker
+    /// doubts, leaving it available.
+    // Counts below the queue size (at most 32768) are taken as u16.
+    #[allow(clippy::cast_possible_truncation)]
+    #[inline(always)]
+    fn split_each(&mut self, max: usize, f: &mut impl FnMut(&Chain<'_>) -> Option<u32>) -> Result<usize, QueueError> {
+        let Some((next, n)) = self.singles_available(max) else { return Ok(0) };
+        if self.used_added == 0 {
+            self.ensure_used_known().map_err(|e| self.fail(e))?;
+            self.batch_used_start = self.state.next_used;
+        }
+        let Access::Direct(d) = &self.access else { return Ok(0) };
+        let (mem, size) = (self.mem, self.cfg.size);
+        let rings = SinglesRings { avail: d.base(Area::Driver), desc: d.base(Area::Desc), used: d.base(Area::Device) };
+        let start = self.state.next_used;
+        let segs = &mut *self.segs;
+        let (popped, completed, log_error) = if self.logging {
+            // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
+            // checked their lengths and alignment); n <= size entries are available.
+            unsafe { split_each_loop::<true, _>(rings, mem, size, next, start, n, segs, f) }
+        } else {
+            // SAFETY: as above.
+            unsafe { split_each_loop::<false, _>(rings, mem, size, next, start, n, segs, f) }
+        };
+        // Both counts are at most n <= size, which fits u16.
+        self.state.next_avail = next.wrapping_add(popped as u16);
+        self.state.next_used = start.wrapping_add(completed);
+        self.used_added = self.used_added.wrapping_add(completed);
+        if self.logging {
+            for j in 0..completed {
+                self.log_ring(Area::Device, 4 + 8 * usize::from(start.wrapping_add(j) & (size - 1)), 8);
+            }
+        }
+        match log_error {
+            Some(e) => Err(self.fail(e)),
+            None => Ok(popped),
+        }
+    }
+
+    /// `pop_each`'s loop on a cached packed ring (not while logging, nor with inflight
+    /// tracking: those take `pop` and `add_used`). Stops at the first chain the cached walker
+    /// doubts, leaving it available.
+    #[inline(always)]
+    fn packed_each(&mut self, max: usize, f: &mut impl FnMut(&Chain<'_>) -> Option<u32>) -> Result<usize, QueueError> {
+        if self.broken.is_some() || self.packed_inflight.is_some() || self.logging {
+            return Ok(0);
+        }
+        let (Kind::Packed { first_used_flags }, Access::Direct(d)) = (&mut *self.kind, &self.access) else {
+            return Ok(0);
+        };
+        let (mem, size) = (self.mem, self.cfg.size);
+        let ring = d.base(Area::Desc);
+        let state = &mut *self.state;
+        let segs = &mut *self.segs;
+        let mut win = cached::Windowed::new(mem);
+        if self.used_added == 0 {
+            self.batch_used_start = state.next_used;
+        }
+        let mut popped = 0usize;
+        let mut completed = 0u16;
+        while popped < max {
+            let head = state.next_avail;
+            if head >= size || !matches!(packed_available(d, size, state), Ok(Some(_))) {
+                break;
+            }
+            // SAFETY: the ring's view holds 16 * size bytes from a 16-aligned base, mapped for
+            // the batch; head < size.
+            let Some((id, count)) = (unsafe { cached::packed_chain(ring, size, head, segs, &mut win) }) else { break };
+            let (next, wrapped) = advance(head, count, size);
+            state.next_avail = next;
+            state.avail_wrap ^= wrapped;
+            popped += 1;
+            let chain = Chain::new(id, count, segs);
+            let Some(written) = f(&chain) else { continue };
+            let slot = state.next_used;
+            let flags = if state.used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
+            // SAFETY: slot < size (a used position, kept below the size by `advance`) and the
+            // ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's length
+            // (offset 8), id (12) and flags (14) are inside it, aligned.
+            unsafe {
+                let p = ring.add(16 * usize::from(slot));
+                p.add(8).cast::<u32>().write_volatile(written.to_le());
+                p.add(12).cast::<u16>().write_volatile(id.to_le());
+                if first_used_flags.is_none() {
+                    // The first used descriptor of a batch is made visible last (2.8.21.2).
+                    *first_used_flags = Some((slot, flags));
+                } else {
+                    p.add(14).cast::<u16>().write_volatile(flags.to_le());
+                }
+            }
+            let (next, wrapped) = advance(slot, count, size);
+            state.next_used = next;
+            state.used_wrap ^= wrapped;
+            completed += 1;
+        }
+        self.used_added = self.used_added.wrapping_add(completed);
+        Ok(popped)
     }
 
     /// For the batch pops: the next available index and how many entries (at most `max`) the
@@ -1145,6 +1280,171 @@ impl Bases {
     }
 }
 
+/// The base pointers of a cached split ring, for `complete_singles_loop`.
+#[derive(Clone, Copy)]
+struct SinglesRings {
+    avail: *mut u8,
+    desc: *mut u8,
+    used: *mut u8,
+}
+
+/// `QueueBatch::complete_singles`'s loop: from available entry `next` and used entry `start`,
+/// at most `n` single-buffer chains; returns how many were completed. The ring is walked in
+/// runs that do not wrap, so that within a run the available and used entries are two pointers
+/// that advance (no index arithmetic per chain); `LOGGING` compiles the logging in or out.
+///
+/// # Safety
+/// `rings` are the bases of a split ring of `size` entries (a power of two) mapped for the batch
+/// `mem`: an available ring of 6 + 2 * size bytes (2-aligned), a descriptor table of 16 * size
+/// (16-aligned), a used ring of 6 + 8 * size (4-aligned); `n <= size`.
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)] // counts below size <= 32768
+unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) -> u32>(
+    rings: SinglesRings,
+    mem: &'b Batch<'_>,
+    size: u16,
+    next: u16,
+    start: u16,
+    n: usize,
+    f: &mut F,
+) -> usize {
+    let mask = size - 1;
+    let mut window = mem.window();
+    let mut i = 0usize;
+    'runs: while i < n {
+        let a = usize::from(next.wrapping_add(i as u16) & mask);
+        let u = usize::from(start.wrapping_add(i as u16) & mask);
+        let run = (n - i).min(usize::from(size) - a).min(usize::from(size) - u);
+        // SAFETY: a + run <= size and u + run <= size: every entry of the run lies inside the
+        // available ring (from offset 4, 2 bytes each) and the used ring (from offset 4, 8 bytes
+        // each), aligned as their bases are.
+        let (mut pa, mut pu) =
+            unsafe { (rings.avail.add(4 + 2 * a).cast::<u16>(), rings.used.add(4 + 8 * u).cast::<u32>()) };
+        for _ in 0..run {
+            // SAFETY: inside the run (above); any bytes the guest left are a u16.
+            let head = u16::from_le(unsafe { pa.read_volatile() });
+            if head >= size {
+                break 'runs;
+            }
+            // SAFETY: head < size: both words of entry `head` are inside the 16-aligned table.
+            let (lo, hi) = unsafe {
+                let p = rings.desc.add(16 * usize::from(head)).cast::<u64>();
+                (u64::from_le(p.read_volatile()), u64::from_le(p.add(1).read_volatile()))
+            };
+            let desc = desc_from_words(lo, hi);
+            if desc.flags_or_id & (DESC_F_NEXT | DESC_F_INDIRECT) != 0 || desc.len == 0 {
+                break 'runs;
+            }
+            let writable = desc.flags_or_id & DESC_F_WRITE != 0;
+            let addr = GuestPhysAddr::new(desc.addr);
+            let piece = match window.translate_for(addr, desc.len, writable) {
+                Some(p) => p,
+                None => match singles_miss(mem, addr, desc.len, writable) {
+                    Some((p, w)) => {
+                        window = w;
+                        p
+                    }
+                    None => break 'runs,
+                },
+            };
+            let written = f(Single { id: head, writable, buf: piece.slice, phys: piece.phys }).min(desc.len);
+            if LOGGING && writable && written > 0 {
+                if let Err(e) = mem.log_write(piece.phys, u64::from(written)) {
+                    tracing::warn!(error = %e, "buffer write not logged");
+                }
+            }
+            // SAFETY: inside the run (above): the element's two u32 are inside the used ring.
+            unsafe {
+                pu.write_volatile(u32::from(head).to_le());
+                pu.add(1).write_volatile(written.to_le());
+                pa = pa.add(1);
+                pu = pu.add(2);
+            }
+            i += 1;
+        }
+    }
+    i
+}
+
+/// `QueueBatch::pop_each`'s loop on a cached split ring: from available entry `next` and used
+/// entry `start`, at most `n` chains through the cached walker; returns how many were popped,
+/// how many completed, and a logging error (which ends the loop after its chain's used
+/// element). The available and used entries are pointers that advance and wrap.
+///
+/// # Safety
+/// As for `complete_singles_loop`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u32>>(
+    rings: SinglesRings,
+    mem: &Batch<'_>,
+    size: u16,
+    next: u16,
+    start: u16,
+    n: usize,
+    segs: &mut Segments,
+    f: &mut F,
+) -> (usize, u16, Option<QueueError>) {
+    let mask = size - 1;
+    // SAFETY: the entries at offset 4 of the available (2 bytes each) and used (8 bytes each)
+    // rings: slots below size, inside the views, aligned as their bases are; the ends are one
+    // past the last entry, where the pointers wrap back.
+    let (avail0, avail_end, used0, used_end) = unsafe {
+        let a = rings.avail.add(4).cast::<u16>();
+        let u = rings.used.add(4).cast::<u32>();
+        (a, a.add(usize::from(size)), u, u.add(2 * usize::from(size)))
+    };
+    // SAFETY: slots below size (masked), as above.
+    let (mut pa, mut pu) = unsafe { (avail0.add(usize::from(next & mask)), used0.add(2 * usize::from(start & mask))) };
+    let mut win = cached::Windowed::new(mem);
+    let (mut popped, mut completed) = (0usize, 0u16);
+    while popped < n {
+        // SAFETY: pa points at an entry of the available ring (wrapped below); any bytes the guest
+        // left are a u16.
+        let head = u16::from_le(unsafe { pa.read_volatile() });
+        // SAFETY: the table holds 16 * size bytes from a 16-aligned base, mapped for the batch.
+        if unsafe { cached::split_chain(rings.desc, size, head, segs, &mut win) }.is_none() {
+            break;
+        }
+        popped += 1;
+        // SAFETY: pa stays within [avail0, avail_end): it wraps when it reaches the end.
+        pa = unsafe { pa.add(1) };
+        if pa == avail_end {
+            pa = avail0;
+        }
+        let chain = Chain::new(head, 1, segs);
+        let Some(written) = f(&chain) else { continue };
+        let log_error = if LOGGING { chain.log_written(mem, written).err() } else { None };
+        // SAFETY: pu points at a used element (wrapped below): two u32 inside the used ring.
+        unsafe {
+            pu.write_volatile(u32::from(head).to_le());
+            pu.add(1).write_volatile(written.to_le());
+            pu = pu.add(2);
+        }
+        if pu == used_end {
+            pu = used0;
+        }
+        completed += 1;
+        if log_error.is_some() {
+            return (popped, completed, log_error);
+        }
+    }
+    (popped, completed, None)
+}
+
+/// A single buffer outside the window: translated through the batch, and the window moved.
+#[cold]
+#[inline(never)]
+fn singles_miss<'b>(
+    mem: &'b Batch<'_>,
+    addr: GuestPhysAddr,
+    len: u32,
+    writable: bool,
+) -> Option<(vireo_memory::Piece<'b>, vireo_memory::Window<'b>)> {
+    let p = mem.translate_piece(addr, u64::from(len), access(writable), false).ok()?;
+    Some((p, mem.window()))
+}
+
 /// The batch pops' step: the chain at available entry `next + i` if it is one direct descriptor
 /// (no NEXT, no INDIRECT, non-zero length) whose buffer lies in one region; `None` for anything
 /// else, left to `QueueBatch::pop`. `i` is below the number of entries the driver made available,
@@ -1157,7 +1457,7 @@ fn single_at<'b>(
     size: u16,
     next: u16,
     i: usize,
-    window: &mut Option<vireo_memory::Window<'b>>,
+    window: &mut vireo_memory::Window<'b>,
 ) -> Option<Single<'b>> {
     // i < size: the u16 arithmetic is exact modulo the (power of two) ring size.
     let slot = usize::from(next.wrapping_add(i as u16) & (size - 1));
@@ -1180,7 +1480,7 @@ fn single_at<'b>(
     }
     let writable = desc.flags_or_id & DESC_F_WRITE != 0;
     let addr = GuestPhysAddr::new(desc.addr);
-    let piece = match window.and_then(|w| w.translate_for(addr, desc.len, writable)) {
+    let piece = match window.translate_for(addr, desc.len, writable) {
         Some(p) => p,
         None => {
             let p = mem.translate_piece(addr, u64::from(desc.len), access(writable), false).ok()?;
@@ -1191,10 +1491,12 @@ fn single_at<'b>(
     Some(Single { id: head, writable, buf: piece.slice, phys: piece.phys })
 }
 
-/// See `QueueBatch::pop`: one direct descriptor, no NEXT, no INDIRECT, non-zero length, in the
-/// region the batch translated into last. `None` sends the caller to the general walker.
+/// See `QueueBatch::pop`: the chain at the next available entry through the cached walker, in
+/// the regions the batch translated into (or now translates into, without splitting a buffer).
+/// `None` sends the caller to the general walker; nothing but `segs` is changed unless this
+/// succeeds.
 #[inline(always)]
-fn split_fast_pop(
+fn split_cached_pop(
     d: &Direct<'_>,
     mem: &Batch<'_>,
     size: u16,
@@ -1203,19 +1505,35 @@ fn split_fast_pop(
 ) -> Option<u16> {
     let slot = usize::from(state.next_avail & (size - 1));
     let head = u16::from_le(d.read::<u16>(Area::Driver, 4 + 2 * slot).ok()?);
-    if head >= size {
-        return None;
-    }
-    let off = 16 * usize::from(head);
-    let desc = desc_from_words(d.read::<u64>(Area::Desc, off).ok()?, d.read::<u64>(Area::Desc, off + 8).ok()?);
-    if desc.flags_or_id & (DESC_F_NEXT | DESC_F_INDIRECT) != 0 || desc.len == 0 {
-        return None;
-    }
-    let writable = desc.flags_or_id & DESC_F_WRITE != 0;
-    let p = mem.translate_fast(GuestPhysAddr::new(desc.addr), desc.len, writable)?;
-    segs.set_single(&p, desc.len, writable);
+    let mut win = cached::Windowed::new(mem);
+    // SAFETY: the descriptor table's view holds 16 * size bytes from a 16-aligned base
+    // (Direct::new), mapped for the batch.
+    unsafe { cached::split_chain(d.base(Area::Desc), size, head, segs, &mut win) }?;
     state.next_avail = state.next_avail.wrapping_add(1);
     Some(head)
+}
+
+/// The packed counterpart of `split_cached_pop`: the buffer id and the ring descriptors used.
+#[inline(always)]
+fn packed_cached_pop(
+    d: &Direct<'_>,
+    mem: &Batch<'_>,
+    size: u16,
+    state: &mut QueueState,
+    segs: &mut Segments,
+) -> Option<(u16, u16)> {
+    let head = state.next_avail;
+    if head >= size || packed_available(d, size, state).ok()?.is_none() {
+        return None;
+    }
+    let mut win = cached::Windowed::new(mem);
+    // SAFETY: the ring's view holds 16 * size bytes from a 16-aligned base (Direct::new), mapped
+    // for the batch; head < size.
+    let (id, count) = unsafe { cached::packed_chain(d.base(Area::Desc), size, head, segs, &mut win) }?;
+    let (next, wrapped) = advance(head, count, size);
+    state.next_avail = next;
+    state.avail_wrap ^= wrapped;
+    Some((id, count))
 }
 
 #[inline(always)]

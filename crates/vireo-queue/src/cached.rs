@@ -1,0 +1,331 @@
+//! The cached walkers: a chain read through the ring's direct pointers in one pass, every check
+//! the general walker makes, no error built.
+//!
+//! They serve the common case, where every descriptor is well formed and every buffer lies in
+//! one region, at the cost of a few compares per descriptor. On anything else (an error, a
+//! buffer that crosses regions or misses the IOTLB, a chain longer than [`FAST_SEGS`]) they
+//! return `None` having changed nothing but the segment list, and the caller hands the chain to
+//! the general walker (`queue.rs`: `walk_split`, `walk_packed`), which starts over and reports
+//! what is wrong with a typed error. So an error is never found here, only doubted; the tests
+//! that feed both paths the same rings (`tests/queue.rs`, the `split_chain` and `packed_chain`
+//! fuzz targets) check that the two agree.
+//!
+//! The checks, and how each is cheaper here than in the general walker: one compare against the
+//! segment list's limit (at most the queue size, or the indirect table's length) bounds both the
+//! chain and the writes; lengths are summed in 64 bits and the 32-bit overflow checked once per
+//! chain (64 lengths of 32 bits cannot overflow 64 bits); a zero length, a readable buffer after
+//! a writable one and a full list are one branch; the access right and the bounds of a buffer
+//! are one compare against the window (`Window::translate_for`). A chain of one descriptor, the
+//! most common shape, skips the loop altogether.
+
+use vireo_memory::{Batch, GuestPhysAddr, Piece, Window};
+
+use crate::chain::{access, RawSeg, Segments, Totals, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_INDIRECT};
+
+/// The most buffers a cached walk resolves for one chain; a longer chain takes the general
+/// walker. Block requests are three descriptors, network packets one to a few.
+pub(crate) const FAST_SEGS: usize = 64;
+
+/// The region buffers are translated through: a copy of the batch's last one, moved when a
+/// buffer falls outside it.
+pub(crate) struct Windowed<'b, 'q> {
+    mem: &'b Batch<'q>,
+    window: Window<'b>,
+}
+
+impl<'b, 'q> Windowed<'b, 'q> {
+    #[inline(always)]
+    pub fn new(mem: &'b Batch<'q>) -> Self {
+        Self { mem, window: mem.window() }
+    }
+
+    /// `len` bytes at `addr` for a buffer the device writes (`writable`) or reads, as a piece in
+    /// one region with that right.
+    #[inline(always)]
+    fn piece(&mut self, addr: u64, len: u32, writable: bool) -> Option<Piece<'b>> {
+        match self.window.translate_for(GuestPhysAddr::new(addr), len, writable) {
+            Some(p) => Some(p),
+            None => self.miss(addr, len, writable),
+        }
+    }
+
+    /// Outside the window: the batch translates (and pins the region) and the window moves
+    /// there. Out of line, so that the walk's loop has no call on its common path.
+    #[cold]
+    #[inline(never)]
+    fn miss(&mut self, addr: u64, len: u32, writable: bool) -> Option<Piece<'b>> {
+        let p = self.mem.translate_piece(GuestPhysAddr::new(addr), u64::from(len), access(writable), false).ok()?;
+        self.window = self.mem.window();
+        Some(p)
+    }
+}
+
+/// The segment list being filled: raw writes into capacity reserved up front, the length and
+/// totals stored once at the end.
+struct Filling<'s> {
+    segs: &'s mut Segments,
+    out: *mut RawSeg,
+    n: usize,
+    /// The most segments this chain may have (at most `FAST_SEGS`, within the reserved capacity).
+    limit: usize,
+    /// Bytes of the chain, and of its writable part (the readable part is the difference).
+    total: u64,
+    writable: u64,
+    seen_writable: bool,
+}
+
+impl<'s> Filling<'s> {
+    #[inline(always)]
+    fn new(segs: &'s mut Segments, limit: usize) -> Self {
+        if segs.segs.capacity() < FAST_SEGS {
+            segs.segs.reserve(FAST_SEGS);
+        }
+        let out = segs.segs.as_mut_ptr();
+        Self { segs, out, n: 0, limit: limit.min(FAST_SEGS), total: 0, writable: 0, seen_writable: false }
+    }
+
+    /// Adds the buffer of descriptor words `lo` (address) and `hi` (length in the low 32 bits),
+    /// `writable` as its flags say; `None` on a zero length, a readable buffer after a writable
+    /// one, a full list, or a buffer that does not translate in one piece.
+    #[inline(always)]
+    fn push(&mut self, lo: u64, hi: u64, writable: bool, win: &mut Windowed<'_, '_>) -> Option<()> {
+        // The low 32 bits are the length.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = hi as u32;
+        // Non-short-circuit `|`: one branch for the three.
+        if (len == 0) | (self.seen_writable & !writable) | (self.n == self.limit) {
+            return None;
+        }
+        self.seen_writable = writable;
+        self.total += u64::from(len);
+        self.writable += if writable { u64::from(len) } else { 0 };
+        let p = win.piece(lo, len, writable)?;
+        let seg = RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable };
+        // SAFETY: n < limit <= FAST_SEGS <= the capacity reserved in `new`, and nothing else
+        // touches the vector until `finish` sets its length: the write is inside the allocation.
+        unsafe { self.out.add(self.n).write(seg) };
+        self.n += 1;
+        Some(())
+    }
+
+    /// Sets the list's length and totals; `None` when the chain's lengths overflow 32 bits.
+    #[inline(always)]
+    fn finish(self) -> Option<()> {
+        if self.total > u64::from(u32::MAX) {
+            return None;
+        }
+        // SAFETY: the first `n` elements were written in `push` (n <= capacity).
+        unsafe { self.segs.segs.set_len(self.n) };
+        // Each part is at most the total, which fits u32.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            self.segs.totals = Totals {
+                readable: (self.total - self.writable) as u32,
+                writable: self.writable as u32,
+                seen_writable: self.seen_writable,
+            };
+        }
+        Some(())
+    }
+}
+
+/// A descriptor's two 64-bit words at `p` (little endian in guest memory).
+///
+/// # Safety
+/// `p` is 8-aligned and the 16 bytes there are mapped for the caller's batch.
+#[inline(always)]
+unsafe fn words(p: *const u8) -> (u64, u64) {
+    let p = p.cast::<u64>();
+    // SAFETY: the caller's contract; u64 has no invalid values, so whatever the guest left is
+    // a value, and volatile keeps each word one load that the guest cannot tear into two reads.
+    unsafe { (u64::from_le(p.read_volatile()), u64::from_le(p.add(1).read_volatile())) }
+}
+
+/// The flags of a split descriptor's `hi` word (bits 32-47).
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+fn split_flags(hi: u64) -> u16 {
+    (hi >> 32) as u16
+}
+
+/// The flags of a packed descriptor's `hi` word (bits 48-63).
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+fn packed_flags(hi: u64) -> u16 {
+    (hi >> 48) as u16
+}
+
+/// The `next` field of a split descriptor's `hi` word (bits 48-63), or a packed one's buffer id
+/// (bits 32-47).
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+fn split_next(hi: u64) -> u16 {
+    (hi >> 48) as u16
+}
+
+/// A chain of the one buffer `lo`, `hi` if it is non-empty and in the window: the common shape,
+/// without the walk's loop.
+#[inline(always)]
+fn single(segs: &mut Segments, lo: u64, hi: u64, writable: bool, win: &Windowed<'_, '_>) -> bool {
+    #[allow(clippy::cast_possible_truncation)]
+    let len = hi as u32;
+    if len == 0 {
+        return false;
+    }
+    let Some(p) = win.window.translate_for(GuestPhysAddr::new(lo), len, writable) else { return false };
+    segs.segs.clear();
+    segs.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
+    let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
+    segs.totals = Totals { readable, writable: writable_len, seen_writable: writable };
+    true
+}
+
+/// Walks an indirect table whose descriptor's words are `lo`, `hi`: split tables (entries
+/// chained by NEXT, flags in bits 32-47) or packed ones (every entry in order, flags in bits
+/// 48-63).
+#[inline(always)]
+fn walk_table(lo: u64, hi: u64, packed: bool, fill: &mut Filling<'_>, win: &mut Windowed<'_, '_>) -> Option<()> {
+    #[allow(clippy::cast_possible_truncation)]
+    let len = hi as u32;
+    if len == 0 || len % 16 != 0 || len / 16 > MAX_INDIRECT {
+        return None;
+    }
+    let entries = (len / 16) as usize;
+    fill.limit = fill.limit.min(entries);
+    let table = win.piece(lo, len, false)?;
+    let base = table.slice.as_ptr();
+    if base as usize % 8 != 0 {
+        return None;
+    }
+    let mut j = 0usize;
+    loop {
+        // SAFETY: j < entries, and the table's piece holds 16 * entries bytes from the 8-aligned
+        // `base`, in a region the translation pinned for the batch.
+        let (elo, ehi) = unsafe { words(base.add(16 * j)) };
+        let flags = if packed { packed_flags(ehi) } else { split_flags(ehi) };
+        if flags & DESC_F_INDIRECT != 0 {
+            return None;
+        }
+        fill.push(elo, ehi, flags & DESC_F_WRITE != 0, win)?;
+        if packed {
+            // A packed table is read in order, every entry of it (2.8.13).
+            j += 1;
+            if j == entries {
+                return Some(());
+            }
+        } else {
+            if flags & DESC_F_NEXT == 0 {
+                return Some(());
+            }
+            j = usize::from(split_next(ehi));
+            if j >= entries {
+                return None;
+            }
+        }
+    }
+}
+
+/// The split chain at `head` (virtio 1.x 2.7.5), read from the descriptor table at `desc`,
+/// resolved into `segs`; `None` on any doubt.
+///
+/// # Safety
+/// `desc` is the 16-aligned base of a descriptor table of `size` entries, mapped for the batch.
+#[inline(always)]
+pub(crate) unsafe fn split_chain(
+    desc: *const u8,
+    size: u16,
+    head: u16,
+    segs: &mut Segments,
+    win: &mut Windowed<'_, '_>,
+) -> Option<()> {
+    if head >= size {
+        return None;
+    }
+    // SAFETY: head < size: the entry lies in the table (the caller's contract).
+    let (mut lo, mut hi) = unsafe { words(desc.add(16 * usize::from(head))) };
+    let mut flags = split_flags(hi);
+    if flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && single(segs, lo, hi, flags & DESC_F_WRITE != 0, win) {
+        return Some(());
+    }
+    let mut fill = Filling::new(segs, usize::from(size));
+    if flags & DESC_F_INDIRECT != 0 {
+        if flags & DESC_F_NEXT != 0 {
+            return None;
+        }
+        walk_table(lo, hi, false, &mut fill, win)?;
+        return fill.finish();
+    }
+    loop {
+        fill.push(lo, hi, flags & DESC_F_WRITE != 0, win)?;
+        if flags & DESC_F_NEXT == 0 {
+            return fill.finish();
+        }
+        let next = split_next(hi);
+        if next >= size {
+            return None;
+        }
+        // SAFETY: next < size, as for the head. The chain cannot loop for ever: each step
+        // pushes a segment, and `push` stops at the limit (at most the queue size).
+        (lo, hi) = unsafe { words(desc.add(16 * usize::from(next))) };
+        flags = split_flags(hi);
+        // An indirect descriptor inside a chain is the general walker's.
+        if flags & DESC_F_INDIRECT != 0 {
+            return None;
+        }
+    }
+}
+
+/// The packed chain whose head is at ring slot `head` (2.8.6), read from the descriptor ring at
+/// `ring`, resolved into `segs`: its buffer id and how many ring descriptors it used; `None` on
+/// any doubt. The caller has checked (with acquire ordering) that the head is available.
+///
+/// # Safety
+/// `ring` is the 16-aligned base of a descriptor ring of `size` entries, mapped for the batch,
+/// and `head < size`.
+#[inline(always)]
+pub(crate) unsafe fn packed_chain(
+    ring: *const u8,
+    size: u16,
+    head: u16,
+    segs: &mut Segments,
+    win: &mut Windowed<'_, '_>,
+) -> Option<(u16, u16)> {
+    // SAFETY: head < size (the caller's contract).
+    let (mut lo, mut hi) = unsafe { words(ring.add(16 * usize::from(head))) };
+    let mut flags = packed_flags(hi);
+    // The buffer id (bits 32-47) of the chain's last descriptor is the chain's.
+    #[allow(clippy::cast_possible_truncation)]
+    let id = |hi: u64| (hi >> 32) as u16;
+    if flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && single(segs, lo, hi, flags & DESC_F_WRITE != 0, win) {
+        return Some((id(hi), 1));
+    }
+    let mut fill = Filling::new(segs, usize::from(size));
+    if flags & DESC_F_INDIRECT != 0 {
+        if flags & DESC_F_NEXT != 0 {
+            return None;
+        }
+        walk_table(lo, hi, true, &mut fill, win)?;
+        return fill.finish().map(|()| (id(hi), 1));
+    }
+    let mut slot = head;
+    let mut count = 1u16;
+    loop {
+        fill.push(lo, hi, flags & DESC_F_WRITE != 0, win)?;
+        if flags & DESC_F_NEXT == 0 {
+            return fill.finish().map(|()| (id(hi), count));
+        }
+        // `push` bounds the chain at the limit (at most the queue size), so count stays within
+        // the size and the slot arithmetic cannot overflow.
+        slot += 1;
+        if slot == size {
+            slot = 0;
+        }
+        count += 1;
+        // SAFETY: slot < size.
+        (lo, hi) = unsafe { words(ring.add(16 * usize::from(slot))) };
+        flags = packed_flags(hi);
+        if flags & DESC_F_INDIRECT != 0 {
+            return None;
+        }
+    }
+}
