@@ -19,11 +19,13 @@ def put(mem, off, data):
     mem[off:off + len(data)] = data
 
 
-def split_seed(knobs, indirect):
+def split_seed(knobs, indirect, swapped=False):
     mem = bytearray(MEM)
-    # chain 0: readable 0x2400+64, writable 0x2500+64 (heads 0 -> 1)
-    put(mem, 0, desc(0x2400, 64, NEXT, 1))
-    put(mem, 16, desc(0x2500, 64, WRITE, 0))
+    # chain 0: readable 0x2400+64, writable 0x2500+64 (heads 0 -> 1); swapped, the writable one
+    # first (a chain both paths must refuse)
+    first, second = (NEXT | WRITE, 0) if swapped else (NEXT, WRITE)
+    put(mem, 0, desc(0x2400, 64, first, 1))
+    put(mem, 16, desc(0x2500, 64, second, 0))
     # chain 2: either direct one writable buffer that straddles nothing, or an indirect table
     if indirect:
         put(mem, 32, desc(0x2800, 32, INDIRECT, 0))
@@ -35,10 +37,11 @@ def split_seed(knobs, indirect):
     return bytes([3, knobs]) + bytes(mem)
 
 
-def packed_seed(knobs, indirect):
+def packed_seed(knobs, indirect, swapped=False):
     mem = bytearray(MEM)
-    put(mem, 0, desc(0x2400, 64, 7, AVAIL | NEXT))
-    put(mem, 16, desc(0x2500, 64, 7, AVAIL | WRITE))
+    first, second = (NEXT | WRITE, 0) if swapped else (NEXT, WRITE)
+    put(mem, 0, desc(0x2400, 64, 7, AVAIL | first))
+    put(mem, 16, desc(0x2500, 64, 7, AVAIL | second))
     if indirect:
         put(mem, 32, desc(0x2800, 32, 9, AVAIL | INDIRECT))
         put(mem, 0x2800, desc(0x2600, 16, 0, 0))
@@ -52,7 +55,11 @@ here = os.path.dirname(os.path.abspath(__file__))
 for target, make in (("split_chain", split_seed), ("packed_chain", packed_seed)):
     d = os.path.join(here, "corpus", target)
     os.makedirs(d, exist_ok=True)
-    for knobs in (0, 1, 2, 6):
+    # knobs: plain pop, translating, EVENT_IDX, reverse completion, pop_each deferring, pop_each
+    # completing every other chain at once (see fuzz_targets/common.rs)
+    for knobs in (0, 1, 2, 6, 16, 50):
         for indirect in (False, True):
             with open(os.path.join(d, f"seed-k{knobs}-{'ind' if indirect else 'dir'}"), "wb") as f:
                 f.write(make(knobs, indirect))
+        with open(os.path.join(d, f"seed-k{knobs}-swapped"), "wb") as f:
+            f.write(make(knobs, False, True))

@@ -827,49 +827,60 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         };
         let (mem, size) = (self.mem, self.cfg.size);
         let ring = d.base(Area::Desc);
-        let state = &mut *self.state;
         let segs = &mut *self.segs;
         let mut win = cached::Windowed::new(mem);
         if self.used_added == 0 {
-            self.batch_used_start = state.next_used;
+            self.batch_used_start = self.state.next_used;
         }
+        // The positions in locals for the loop, written back after it.
+        let QueueState { mut next_avail, mut next_used, mut avail_wrap, mut used_wrap } = *self.state;
+        let mut first = *first_used_flags;
         let mut popped = 0usize;
         let mut completed = 0u16;
-        while popped < max {
-            let head = state.next_avail;
-            if head >= size || !matches!(packed_available(d, size, state), Ok(Some(_))) {
+        while popped < max && next_avail < size {
+            // SAFETY: next_avail < size and the ring's view holds 16 * size bytes from a 16-aligned
+            // base, mapped for the batch: the head's flags (offset 14) are inside it, aligned; an
+            // atomic reference for one load, as in `Direct::load_u16`.
+            let flags = u16::from_le(
+                unsafe { std::sync::atomic::AtomicU16::from_ptr(ring.add(16 * usize::from(next_avail) + 14).cast()) }
+                    // Acquire: as in `packed_available`.
+                    .load(Ordering::Acquire),
+            );
+            if (flags & DESC_F_AVAIL != 0) != avail_wrap || (flags & DESC_F_USED != 0) == avail_wrap {
                 break;
             }
-            // SAFETY: the ring's view holds 16 * size bytes from a 16-aligned base, mapped for
-            // the batch; head < size.
-            let Some((id, count)) = (unsafe { cached::packed_chain(ring, size, head, segs, &mut win) }) else { break };
-            let (next, wrapped) = advance(head, count, size);
-            state.next_avail = next;
-            state.avail_wrap ^= wrapped;
+            // SAFETY: as above; the head (next_avail) is below the size.
+            let Some((id, count)) = (unsafe { cached::packed_chain(ring, size, next_avail, segs, &mut win) }) else {
+                break;
+            };
+            let (next, wrapped) = advance(next_avail, count, size);
+            next_avail = next;
+            avail_wrap ^= wrapped;
             popped += 1;
             let chain = Chain::new(id, count, segs);
             let Some(written) = f(&chain) else { continue };
-            let slot = state.next_used;
-            let flags = if state.used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
-            // SAFETY: slot < size (a used position, kept below the size by `advance`) and the
-            // ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's length
-            // (offset 8), id (12) and flags (14) are inside it, aligned.
+            let used_flags = if used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
+            // SAFETY: next_used < size (a used position, kept below the size by `advance`) and
+            // the ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's
+            // length (offset 8), id (12) and flags (14) are inside it, aligned.
             unsafe {
-                let p = ring.add(16 * usize::from(slot));
+                let p = ring.add(16 * usize::from(next_used));
                 p.add(8).cast::<u32>().write_volatile(written.to_le());
                 p.add(12).cast::<u16>().write_volatile(id.to_le());
-                if first_used_flags.is_none() {
+                if first.is_none() {
                     // The first used descriptor of a batch is made visible last (2.8.21.2).
-                    *first_used_flags = Some((slot, flags));
+                    first = Some((next_used, used_flags));
                 } else {
-                    p.add(14).cast::<u16>().write_volatile(flags.to_le());
+                    p.add(14).cast::<u16>().write_volatile(used_flags.to_le());
                 }
             }
-            let (next, wrapped) = advance(slot, count, size);
-            state.next_used = next;
-            state.used_wrap ^= wrapped;
+            let (next, wrapped) = advance(next_used, count, size);
+            next_used = next;
+            used_wrap ^= wrapped;
             completed += 1;
         }
+        *self.state = QueueState { next_avail, next_used, avail_wrap, used_wrap };
+        *first_used_flags = first;
         self.used_added = self.used_added.wrapping_add(completed);
         Ok(popped)
     }
