@@ -15,11 +15,21 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// A directory removed when dropped, however the test ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn a_thousand_connections_leak_nothing() {
     let dir = std::env::temp_dir().join(format!("vireo-leaks-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let _dir_guard = RemoveOnDrop(dir.clone());
     let sock = dir.join("vhost.sock");
     let device =
         Device::new(Storage::Null { size: 1 << 20 }, BlkConfig { num_queues: 2, ..BlkConfig::new("leaks") }).unwrap();
@@ -52,7 +62,6 @@ fn a_thousand_connections_leak_nothing() {
     let (fds1, maps1, threads1) = (count("/proc/self/fd"), vireo_memory::live_mappings(), count("/proc/self/task"));
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("fds {fds0} -> {fds1}, guest mappings {maps0} -> {maps1}, threads {threads0} -> {threads1}");
     assert!(fds1 <= fds0, "file descriptors leaked: {fds0} -> {fds1}");
     assert!(maps1 <= maps0, "guest-memory mappings leaked: {maps0} -> {maps1}");

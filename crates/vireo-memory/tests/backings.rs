@@ -25,6 +25,8 @@ fn roundtrip(mem: &GuestMemory) {
 fn regular_file_at_an_offset() {
     let dir = std::env::temp_dir().join(format!("vireo-backing-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&dir).unwrap();
+    // Unlinked at once: the descriptor keeps the file, and nothing is left however the test ends.
+    std::fs::remove_file(&dir).unwrap();
     f.write_all(&vec![0xaa; 3 * 4096]).unwrap();
     let fd: OwnedFd = f.into();
     let mem = GuestMemory::new(RetireMode::ProtNone { keep: 4 });
@@ -42,7 +44,6 @@ fn regular_file_at_an_offset() {
     rustix::io::pread(&fd, &mut b, 100).unwrap();
     assert_eq!(b[0], 1, "the write landed at the file offset");
     roundtrip(&mem);
-    std::fs::remove_file(&dir).unwrap();
 }
 
 /// Makes sure at least `n` huge pages are reserved (as root), and gives back what it added.

@@ -42,6 +42,15 @@ impl Daemon {
     }
 }
 
+/// A directory removed when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
@@ -82,6 +91,9 @@ fn sigkill_during_writes(packed: bool) {
     let dir: PathBuf = std::env::temp_dir().join(format!("vireo-reconnect-{packed}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends (a failed assertion unwinds through it); declared before the
+    // daemon, so the daemon is killed first.
+    let _dir_guard = RemoveOnDrop(dir.clone());
     let (sock, image) = (dir.join("vhost.sock"), dir.join("disk.img"));
     std::fs::File::create(&image).unwrap().set_len(WRITES * BLOCK as u64).unwrap();
 
@@ -167,5 +179,4 @@ fn sigkill_during_writes(packed: bool) {
         let at = (n as usize) * BLOCK;
         assert!(disk[at..at + BLOCK] == data(n)[..], "write {n} is not on disk");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
