@@ -470,11 +470,19 @@ struct LocalCache {
     /// looks at pins (`Domain::invalidate_start`), so the region stays until the batch ends, and
     /// an I/O pin taken on it during the batch (`Gate::pin_again`) is seen by that look.
     window: LastRegion,
+    /// The id of that region.
+    window_id: u64,
 }
 
 impl Default for LocalCache {
     fn default() -> Self {
-        Self { ranges: [(0, 0); MAX_CACHED], count: 0, views: [(0, 0); MAX_CACHED], window: LastRegion::NONE }
+        Self {
+            ranges: [(0, 0); MAX_CACHED],
+            count: 0,
+            views: [(0, 0); MAX_CACHED],
+            window: LastRegion::NONE,
+            window_id: 0,
+        }
     }
 }
 
@@ -562,12 +570,22 @@ impl QueueMemory {
             && !ranges.is_empty()
             && ranges.len() + usize::from(self.iotlb.is_some()) <= MAX_CACHED
             && self.use_or_fill_cache(cache_valid, ranges, perms);
+        // The rings' region, held by the cache for this batch; not behind an IOTLB, where
+        // addresses are IOVAs (a batch may find an IOTLB published under a cache filled without
+        // one, before the control thread's quiesce clears it).
+        let (held, held_id) = if cache_hit && self.iotlb.is_none() && self.cache.window.len != 0 {
+            (self.cache.window, self.cache.window_id)
+        } else {
+            (LastRegion::NONE, 0)
+        };
         Batch {
             gate: &self.gate,
             shared: &self.shared,
             map: RefCell::new(&mut self.map),
             pinned: RefCell::new(PinList::default()),
-            last: Cell::new(if cache_hit { self.cache.window } else { LastRegion::NONE }),
+            last: Cell::new(held),
+            held,
+            held_id,
             cache_hit,
             log,
             log_cache: RefCell::new(&mut self.log_cache),
@@ -607,7 +625,7 @@ impl QueueMemory {
         }
         let mut ids = [0u64; MAX_CACHED];
         let mut views = [(0usize, 0usize); MAX_CACHED];
-        let mut window = LastRegion::NONE;
+        let (mut window, mut window_id) = (LastRegion::NONE, 0);
         for (i, &(gpa, len)) in ranges.iter().enumerate() {
             if len == 0 {
                 return None;
@@ -640,6 +658,7 @@ impl QueueMemory {
                     slot16(r.slot()),
                     Perm::RW,
                 );
+                window_id = r.id();
             }
         }
         let mut n = ranges.len();
@@ -657,6 +676,7 @@ impl QueueMemory {
         }
         c.views = views;
         c.window = window;
+        c.window_id = window_id;
         Some(())
     }
 }
@@ -728,7 +748,8 @@ struct LastRegion {
 
 /// The region a batch translated into last, as a linear window of the driver's addresses: a
 /// device that translates many buffers in a row (a batch of receive buffers) checks each against
-/// it with two compares. Valid for the batch (the region is pinned until it ends).
+/// it with two compares. Valid for the batch (the region is pinned, or held by the batch's valid
+/// cache, until it ends).
 #[derive(Debug, Clone, Copy)]
 pub struct Window<'b> {
     last: LastRegion,
@@ -755,8 +776,8 @@ impl<'b> Window<'b> {
         #[allow(clippy::cast_possible_truncation)]
         let host = l.host + off as usize;
         // SAFETY: `host` is inside a mapping (off < l.len), so not null; the window is a region
-        // the batch pinned (see `Batch::window`), it borrows the batch and cannot outlive it, and
-        // `off + len <= l.len`.
+        // the batch holds, pinned or under its valid cache (see `Batch::window`), it borrows the
+        // batch and cannot outlive it, and `off + len <= l.len`.
         let slice = unsafe { GuestSlice::new(NonNull::new_unchecked(host as *mut u8), len as usize) };
         Some(Piece { slice, phys: GuestPhysAddr::new(l.phys + off), slot: l.slot })
     }
@@ -822,11 +843,18 @@ pub struct Batch<'q> {
     /// cache line between workers) when a region turns out to be retiring.
     map: RefCell<&'q mut StdArc<MemoryMap>>,
     pinned: RefCell<PinList>,
-    /// The region of the last translation, already pinned for this batch: buffers of one batch
+    /// The region of the last translation, pinned for this batch or held by its cache: buffers of one batch
     /// almost always fall in the same region, and then translating is two compares. A batch that
     /// uses the cached translation starts with the rings' region (`LocalCache::window`), held by
     /// the cache instead of a pin; others with `LastRegion::NONE` (nothing matches it).
     last: Cell<LastRegion>,
+    /// The rings' region while this batch uses the cached translation (`LocalCache::window`),
+    /// `LastRegion::NONE` otherwise: held by the cache, so never pinned by the batch (pinning it
+    /// could even be refused while it retires, though the batch holds it), and I/O pins on it
+    /// are taken on its slot.
+    held: LastRegion,
+    /// Its region id, 0 with no region.
+    held_id: u64,
     /// Whether the cached translation serves this batch.
     cache_hit: bool,
     log: Option<StdArc<DirtyLog>>,
@@ -862,8 +890,8 @@ impl<'q> Batch<'q> {
         Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate_for(addr, len, writable)
     }
 
-    /// The region this batch translated into last (pinned for the batch); before the batch's
-    /// first translation an empty window, in which nothing is found.
+    /// The region this batch translated into last (pinned for the batch), or before that the
+    /// rings' region its valid cache holds; otherwise an empty window, in which nothing is found.
     #[inline(always)]
     pub fn window(&self) -> Window<'_> {
         Window { last: self.last.get(), _batch: std::marker::PhantomData }
@@ -903,7 +931,12 @@ impl<'q> Batch<'q> {
     }
 
     fn pin_index(&self, index: usize, map: &MemoryMap) -> bool {
-        let tag = &map.region(index).tag;
+        let region = map.region(index);
+        if self.held.len != 0 && region.id() == self.held_id {
+            // Held by the cache for the whole batch (`LocalCache::window`).
+            return true;
+        }
+        let tag = &region.tag;
         // Slots are below NUM_SLOTS, which fits u16.
         let slot = u16::try_from(tag.slot).unwrap_or(u16::MAX);
         if self.pinned.borrow().contains(slot) {
@@ -957,8 +990,9 @@ impl<'q> Batch<'q> {
         };
         let ptr = NonNull::new((last.host + usize::try_from(off).ok()?) as *mut u8)?;
         // SAFETY: `last` describes a region this batch pinned (it is only set after a successful
-        // pin, and cleared when the batch changes maps), so it stays mapped until the batch ends;
-        // `off + take <= last.len`; the slice borrows the batch.
+        // pin, and cleared when the batch changes maps) or the region its valid cache holds
+        // (`held`), so it stays mapped until the batch ends; `off + take <= last.len`; the slice
+        // borrows the batch.
         let slice = unsafe { GuestSlice::new(ptr, usize::try_from(take).ok()?) };
         // Slots are below NUM_SLOTS, which fits u16.
         Some(Piece { slice, phys: GuestPhysAddr::new(last.phys + off), slot: last.slot })
@@ -1141,7 +1175,11 @@ impl<'q> Batch<'q> {
     /// Behind an IOTLB the pin also holds the IOTLB generation: an invalidation of the IOVA
     /// waits for the I/O too.
     pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
+        let held = self.held;
         let slot = match self.last.get() {
+            // The rings' region first: the batch holds it through the cache whatever it
+            // translated since (a look in the map could find its replacement, or nothing).
+            _ if gpa.raw().wrapping_sub(held.gpa) < held.len => usize::from(held.slot),
             l if gpa.raw().wrapping_sub(l.gpa) < l.len => usize::from(l.slot),
             _ => usize::from(self.translate_inner(gpa, 1, Perm::NONE, false)?.slot),
         };

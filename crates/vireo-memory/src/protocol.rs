@@ -5,9 +5,11 @@
 //!
 //! * **Readers** are queue workers. Each queue has one [`Gate`], used by one thread at a time. A
 //!   reader works in *batches*: [`Gate::enter`] … [`Gate::leave`]. Inside a batch it may use
-//!   (a) its queue's *cached translation* (host pointers of the rings), if the cache is valid, and
-//!   (b) *pinned* translations: before the first access to a region in a batch it pins the
-//!   region's slot ([`Gate::pin`]); an I/O still in flight after the batch keeps its own pin.
+//!   (a) its queue's *cached translation* (host pointers of the rings, and of the whole region
+//!   the first of them lies in), if the cache is valid, and (b) *pinned* translations: before the
+//!   first access to another region in a batch it pins the region's slot ([`Gate::pin`]); an I/O
+//!   still in flight after the batch keeps its own pin, taken during the batch on a region the
+//!   batch holds either way ([`Gate::pin_again`]).
 //! * **The invalidator** is the control thread acting on a frontend message that retires memory.
 //!   Invalidations are serialized by the caller (one control thread per device).
 //!
@@ -186,12 +188,15 @@ impl Gate {
         true
     }
 
-    /// Adds a pin to a slot that the caller already holds pinned (an I/O taking over a batch's
-    /// buffer). No retiring check is needed: the held pin keeps the invalidator waiting.
+    /// Adds a pin to a slot that the caller's batch holds (an I/O taking over a batch's buffer):
+    /// pinned, or under the batch's valid cache. No retiring check is needed: the held pin keeps
+    /// the invalidator waiting, or the cache does (it waits for the batch to end before it looks
+    /// at pins).
     pub fn pin_again(&self, slot: usize) {
         if let Some(pin) = self.pins.get(slot) {
-            // Relaxed: ordering comes from the pin already held, whose SeqCst increment the
-            // invalidator's wait has to see undone first.
+            // Relaxed: ordering comes from what holds the slot: a pin whose SeqCst increment the
+            // invalidator's wait has to see undone first, or the batch, whose Release `leave` the
+            // invalidator acquires before it loads the pins.
             pin.fetch_add(1, Relaxed);
         }
     }

@@ -195,6 +195,47 @@ fn io_pin_holds_off_retirement() {
     assert_eq!(perms_of(ptr).as_deref(), Some("---p"));
 }
 
+/// A batch on a valid cache holds the rings' region without pinning it (its first window). An
+/// I/O pin on a buffer there, taken after the batch translated into another region and while
+/// the rings' region is being removed, must still hold that region: the removal waits for the
+/// batch (the cache points into it), then for the pin, and the I/O's pointer stays mapped.
+#[test]
+fn io_pin_in_the_rings_region_holds_it_after_the_window_moved() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let b = Backing::new(MB, MB, 0x2000_0000);
+    let mem = prot_none();
+    mem.set_regions(&[a.spec(), b.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    drop(q.batch(&[(gpa(0x1000), 64)])); // fills the cache
+    let done = Arc::new(AtomicBool::new(false));
+    let (pin, ptr, remover) = {
+        let batch = q.batch(&[(gpa(0x1000), 64)]);
+        assert!(batch.cached().is_some());
+        let s = batch.translate(gpa(0x3000), 4096, Perm::RW).unwrap();
+        // The window moves to region B.
+        batch.translate(gpa(MB + 0x1000), 64, Perm::RW).unwrap();
+        let remover = {
+            let (mem, done) = (mem.clone(), done.clone());
+            std::thread::spawn(move || {
+                mem.remove_region(gpa(0), MB, UserAddr::new(0x1000_0000)).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        // Region A is retiring now, and the remover waits for this batch.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "region A retired under a batch whose cache is in it");
+        (batch.io_pin(gpa(0x3000)).unwrap(), s.as_ptr() as usize, remover)
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst), "region A was retired under an in-flight I/O");
+    // SAFETY: the pin keeps the mapping alive; the address is inside the 4096 bytes translated.
+    unsafe { (ptr as *mut u64).write_volatile(77) };
+    drop(pin);
+    remover.join().unwrap();
+    assert_eq!(a.read_u64(0x3000), 77);
+    assert_eq!(perms_of(ptr).as_deref(), Some("---p"));
+}
+
 #[test]
 fn invalidation_waits_only_for_queues_that_touch_the_range() {
     let a = Backing::new(0, MB, 0x1000_0000);

@@ -4,11 +4,12 @@
 //! They serve the common case, where every descriptor is well formed and every buffer lies in
 //! one region, at the cost of a few compares per descriptor. On anything else (an error, a
 //! buffer that crosses regions or misses the IOTLB, a chain longer than [`FAST_SEGS`]) they
-//! return `None` having changed nothing but the segment list, and the caller hands the chain to
-//! the general walker (`queue.rs`: `walk_split`, `walk_packed`), which starts over and reports
-//! what is wrong with a typed error. So an error is never found here, only doubted; the tests
-//! that feed both paths the same rings (`tests/queue.rs`, the `split_chain` and `packed_chain`
-//! fuzz targets) check that the two agree.
+//! return `None` having changed nothing but the segment list and the batch's translations (a
+//! region pinned, the window moved), and the caller hands the chain to the general walker
+//! (`queue.rs`: `walk_split`, `walk_packed`), which starts over and reports what is wrong with a
+//! typed error. So an error is never found here, only doubted; the tests that feed both paths
+//! the same rings (`tests/paths.rs`, the `split_chain` and `packed_chain` fuzz targets) check
+//! that the two agree.
 //!
 //! The checks, and how each is cheaper here than in the general walker: one compare against the
 //! segment list's limit (at most the queue size, or the indirect table's length) bounds both the

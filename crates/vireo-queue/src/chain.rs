@@ -185,8 +185,9 @@ impl<'c> Chain<'c> {
     pub fn segment(&self, i: usize) -> Option<(GuestPhysAddr, bool, GuestSlice<'c>)> {
         let s = self.segs().get(i)?;
         let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
-        // SAFETY: the segment was translated and its region pinned by the batch this chain
-        // borrows from; the pin lasts until the batch ends, and `'c` cannot outlive it.
+        // SAFETY: the segment was translated in the batch this chain borrows from, which holds its
+        // region (a pin, or the cached translation of the rings' region) until it ends; `'c`
+        // cannot outlive it.
         let view = unsafe { GuestSlice::new(ptr, s.len as usize) };
         Some((GuestPhysAddr::new(s.gpa), s.writable, view))
     }

@@ -222,8 +222,14 @@ impl Queue {
     }
 
     /// Restores a position (SET_VRING_BASE, or after migration). A split queue reads its used
-    /// index back from the used ring at its next batch.
-    pub fn set_state(&mut self, state: QueueState) {
+    /// index back from the used ring at its next batch; a packed queue's slots must be below the
+    /// queue size (the cached loops write the used descriptor at `next_used` directly).
+    pub fn set_state(&mut self, state: QueueState) -> Result<(), QueueError> {
+        if matches!(self.kind, Kind::Packed { .. })
+            && (state.next_avail >= self.cfg.size || state.next_used >= self.cfg.size)
+        {
+            return Err(QueueError::Config { what: "packed ring position beyond the queue size" });
+        }
         self.state = state;
         match &mut self.kind {
             Kind::Split { avail_shadow, used_known } => {
@@ -233,6 +239,7 @@ impl Queue {
             Kind::Packed { first_used_flags } => *first_used_flags = None,
         }
         self.signalled = self.state.next_used;
+        Ok(())
     }
 
     /// GET_VRING_BASE's value: for a split queue the next available index; for a packed queue
@@ -272,8 +279,7 @@ impl Queue {
                 QueueState { next_avail: a, avail_wrap, next_used: u, used_wrap }
             }
         };
-        self.set_state(state);
-        Ok(())
+        self.set_state(state)
     }
 
     /// Tracks the chains in flight in `region` (vhost-user INFLIGHT_SHMFD), a region that
@@ -607,9 +613,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 return self.pop_resubmit();
             }
         }
-        // The common shape, on the cached path: a known-available entry whose head is one
-        // direct descriptor in one region. Anything else (or any doubt) takes the general walker,
-        // which starts over and does every check; nothing is changed unless this succeeds.
+        // On the cached path, a known-available entry goes through the cached walker first. Any
+        // doubt takes the general walker, which starts over and does every check; nothing but the
+        // segment list (and the batch's pins and window) is changed unless this succeeds.
         if let (Kind::Split { avail_shadow, .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
             if self.state.next_avail != *avail_shadow {
                 if let Some(id) = split_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
@@ -714,7 +720,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         let rings = SinglesRings { avail: d.base(Area::Driver), desc: d.base(Area::Desc), used: d.base(Area::Device) };
         let start = self.state.next_used;
         // Two copies of the loop: the one without logging has no logging test in it.
-        let i = if self.logging {
+        let (i, log_error) = if self.logging {
             // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
             // checked their lengths and alignment); n <= size entries are available.
             unsafe { complete_singles_loop::<true, _>(rings, mem, size, next, start, n, &mut f) }
@@ -724,13 +730,17 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         };
         // i <= size fits u16.
         let k = i as u16;
-        self.state.next_avail = next.wrapping_add(k);
+        // A chain whose write could not be logged was taken and not completed.
+        self.state.next_avail = next.wrapping_add(k + u16::from(log_error.is_some()));
         self.state.next_used = start.wrapping_add(k);
         self.used_added = self.used_added.wrapping_add(k);
         if self.logging {
             for j in 0..k {
                 self.log_ring(Area::Device, 4 + 8 * usize::from(start.wrapping_add(j) & (size - 1)), 8);
             }
+        }
+        if let Some(e) = log_error {
+            self.fail(e);
         }
         i
     }
@@ -746,8 +756,11 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// cached walker (`cached.rs`) and its used element is two stores (split) or three (packed),
     /// with the ring pointers, the region window and the counters kept in registers across the
     /// loop. Anything the cached walker doubts, and every queue it does not serve (translating
-    /// path, inflight tracking, a chain to resubmit), goes through `pop` and `add_used`; the
-    /// chains, their checks and their errors are the same either way.
+    /// path, inflight tracking, a chain to resubmit, a packed ring while logging), goes through
+    /// `pop` and `add_used`; the chains, their checks and their errors are the same either way.
+    /// A buffer write that cannot be logged (a dirty log smaller than guest memory) breaks the
+    /// queue on either path, and that chain is taken and not completed: a write the log lacks is
+    /// never exposed.
     pub fn pop_each(&mut self, max: usize, mut f: impl FnMut(&Chain<'_>) -> Option<u32>) -> Result<usize, QueueError> {
         let mem = self.mem;
         let mut done = 0;
@@ -764,13 +777,15 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             let Some(chain) = self.pop()? else { break };
             let token = chain.token();
             let finished = f(&chain);
-            if let Some(written) = finished {
-                chain.log_written(mem, written)?;
+            let logged = finished.map_or(Ok(()), |written| chain.log_written(mem, written));
+            done += 1;
+            if let Err(e) = logged {
+                // As in the loops above: not completed, and the queue breaks.
+                return Err(self.fail(e));
             }
             if let Some(written) = finished {
                 self.add_used(token, written)?;
             }
-            done += 1;
         }
         Ok(done)
     }
@@ -837,7 +852,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         let mut first = *first_used_flags;
         let mut popped = 0usize;
         let mut completed = 0u16;
-        while popped < max && next_avail < size {
+        // Both positions are below the size (`set_state`, `advance`); checked again here, where
+        // the used descriptor is written through a raw pointer.
+        while popped < max && next_avail < size && next_used < size {
             // SAFETY: next_avail < size and the ring's view holds 16 * size bytes from a 16-aligned
             // base, mapped for the batch: the head's flags (offset 14) are inside it, aligned; an
             // atomic reference for one load, as in `Direct::load_u16`.
@@ -860,9 +877,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             let chain = Chain::new(id, count, segs);
             let Some(written) = f(&chain) else { continue };
             let used_flags = if used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
-            // SAFETY: next_used < size (a used position, kept below the size by `advance`) and
-            // the ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's
-            // length (offset 8), id (12) and flags (14) are inside it, aligned.
+            // SAFETY: next_used < size (the loop's condition; `advance` keeps it so) and the
+            // ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's length
+            // (offset 8), id (12) and flags (14) are inside it, aligned.
             unsafe {
                 let p = ring.add(16 * usize::from(next_used));
                 p.add(8).cast::<u32>().write_volatile(written.to_le());
@@ -1300,7 +1317,8 @@ struct SinglesRings {
 }
 
 /// `QueueBatch::complete_singles`'s loop: from available entry `next` and used entry `start`,
-/// at most `n` single-buffer chains; returns how many were completed. The ring is walked in
+/// at most `n` single-buffer chains; returns how many were completed, and the error of a write
+/// that could not be logged (that chain was taken and is not completed). The ring is walked in
 /// runs that do not wrap, so that within a run the available and used entries are two pointers
 /// that advance (no index arithmetic per chain); `LOGGING` compiles the logging in or out.
 ///
@@ -1318,7 +1336,7 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
     start: u16,
     n: usize,
     f: &mut F,
-) -> usize {
+) -> (usize, Option<QueueError>) {
     let mask = size - 1;
     let mut window = mem.window();
     let mut i = 0usize;
@@ -1340,8 +1358,9 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
             // SAFETY: head < size: both words of entry `head` are inside the 16-aligned table.
             let (lo, hi) = unsafe {
                 let p = rings.desc.add(16 * usize::from(head)).cast::<u64>();
-                (u64::from_le(p.read_volatile()), u64::from_le(p.add(1).read_volatile()))
+                (p.read_volatile(), p.add(1).read_volatile())
             };
+            // Little endian to native here, once.
             let desc = desc_from_words(lo, hi);
             if desc.flags_or_id & (DESC_F_NEXT | DESC_F_INDIRECT) != 0 || desc.len == 0 {
                 break 'runs;
@@ -1361,7 +1380,8 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
             let written = f(Single { id: head, writable, buf: piece.slice, phys: piece.phys }).min(desc.len);
             if LOGGING && writable && written > 0 {
                 if let Err(e) = mem.log_write(piece.phys, u64::from(written)) {
-                    tracing::warn!(error = %e, "buffer write not logged");
+                    // Not completed: a write the log lacks is never exposed.
+                    return (i, Some(QueueError::mem(piece.phys, u64::from(written), e)));
                 }
             }
             // SAFETY: inside the run (above): the element's two u32 are inside the used ring.
@@ -1374,13 +1394,14 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
             i += 1;
         }
     }
-    i
+    (i, None)
 }
 
 /// `QueueBatch::pop_each`'s loop on a cached split ring: from available entry `next` and used
 /// entry `start`, at most `n` chains through the cached walker; returns how many were popped,
-/// how many completed, and a logging error (which ends the loop after its chain's used
-/// element). The available and used entries are pointers that advance and wrap.
+/// how many completed, and the error of a write that could not be logged (which ends the loop;
+/// that chain was taken and is not completed). The available and used entries are pointers that
+/// advance and wrap.
 ///
 /// # Safety
 /// As for `complete_singles_loop`.
@@ -1425,7 +1446,12 @@ unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u3
         }
         let chain = Chain::new(head, 1, segs);
         let Some(written) = f(&chain) else { continue };
-        let log_error = if LOGGING { chain.log_written(mem, written).err() } else { None };
+        if LOGGING {
+            if let Err(e) = chain.log_written(mem, written) {
+                // Not completed: a write the log lacks is never exposed.
+                return (popped, completed, Some(e));
+            }
+        }
         // SAFETY: pu points at a used element (wrapped below): two u32 inside the used ring.
         unsafe {
             pu.write_volatile(u32::from(head).to_le());
@@ -1436,9 +1462,6 @@ unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u3
             pu = used0;
         }
         completed += 1;
-        if log_error.is_some() {
-            return (popped, completed, log_error);
-        }
     }
     (popped, completed, None)
 }

@@ -398,3 +398,55 @@ fn batch_completions_across_the_wrap() {
         }
     }
 }
+
+/// A buffer write the dirty log cannot record (the frontend's log is smaller than guest memory)
+/// breaks the queue, and its chain is taken but never completed, whichever path serves it: a
+/// write the log lacks is never exposed to the driver.
+#[test]
+fn an_unloggable_write_breaks_the_queue_on_every_path() {
+    use std::os::fd::AsFd;
+    for (translating, singles) in [(false, false), (true, false), (false, true)] {
+        let mut b = Bench::new(false, 16, 1 << 20);
+        // One byte of log: the first 8 pages (32 KiB), where the rings are.
+        let log = vireo_memory::memfd("log", 4096).unwrap();
+        b.mem.set_dirty_log(log.as_fd(), 0, 1).unwrap();
+        b.mem.set_logging(true);
+        b.queue.set_force_translating(translating);
+        b.ram.alloc(64 << 10, 4096).unwrap();
+        let logged = b.buffer(64, true, 1);
+        assert!(logged.gpa.raw() >= 32 << 10, "the buffer lies beyond the log");
+        b.drv.add(&mut b.ram, &[logged], false).unwrap();
+        b.drv.publish(&b.ram);
+        let (res, _) = b
+            .queue
+            .process(|qb| {
+                if singles {
+                    Ok(qb.complete_singles(4, |s| s.buf.len() as u32))
+                } else {
+                    qb.pop_each(4, |c| Some(c.writable_len()))
+                }
+            })
+            .unwrap();
+        let what = format!("translating {translating}, complete_singles {singles}: {res:?}");
+        match res {
+            Ok(n) => assert!(singles && n == 0, "{what}"),
+            Err(e) => assert!(!singles && format!("{e:?}").contains("BeyondLog"), "{what}"),
+        }
+        assert!(b.queue.broken().is_some(), "{what}");
+        assert!(b.drv.pop_used(&b.ram).is_none(), "{what}: the chain was completed");
+    }
+}
+
+/// A packed queue's positions are ring slots: a state with a slot past the size is refused (the
+/// cached loops write the used descriptor at `next_used` directly).
+#[test]
+fn packed_positions_beyond_the_size_are_refused() {
+    let mut b = Bench::new(true, 8, 1 << 20);
+    let good = QueueState { next_avail: 7, next_used: 3, avail_wrap: false, used_wrap: true };
+    b.queue.set_state(good).unwrap();
+    assert_eq!(b.queue.state(), good);
+    for bad in [QueueState { next_used: 8, ..good }, QueueState { next_avail: 4000, ..good }] {
+        assert!(b.queue.set_state(bad).is_err(), "{bad:?}");
+        assert_eq!(b.queue.state(), good, "a refused state changes nothing");
+    }
+}
