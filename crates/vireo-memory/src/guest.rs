@@ -650,14 +650,7 @@ impl QueueMemory {
             ids[i] = r.id();
             views[i] = (t.host, usize::try_from(len).ok()?);
             if i == 0 && self.iotlb.is_none() {
-                window = LastRegion::new(
-                    r.gpa().raw(),
-                    r.size(),
-                    r.mapping.as_ptr() as usize,
-                    r.gpa().raw(),
-                    slot16(r.slot()),
-                    Perm::RW,
-                );
+                window = LastRegion::whole(r);
                 window_id = r.id();
             }
         }
@@ -786,6 +779,12 @@ impl<'b> Window<'b> {
 impl LastRegion {
     /// No region: every address falls outside it.
     const NONE: LastRegion = LastRegion { gpa: 0, len: 0, host: 0, phys: 0, slot: 0, perm: Perm::NONE, lim: [0, 0] };
+
+    /// A whole region, addressed by guest physical addresses (no IOTLB), read and write.
+    fn whole(r: &crate::map::Region) -> Self {
+        let gpa = r.gpa().raw();
+        Self::new(gpa, r.size(), r.mapping.as_ptr() as usize, gpa, slot16(r.slot()), Perm::RW)
+    }
 
     fn new(gpa: u64, len: u64, host: usize, phys: u64, slot: u16, perm: Perm) -> Self {
         let lim = [Perm::READ, Perm::WRITE].map(|p| if perm.allows(p) { len } else { 0 });
@@ -1018,16 +1017,7 @@ impl<'q> Batch<'q> {
         match self.iotlb {
             None => {
                 let t = map.translate(addr).ok_or_else(unmapped)?;
-                let r = map.region(t.index);
-                let last = LastRegion::new(
-                    r.gpa().raw(),
-                    r.size(),
-                    r.mapping.as_ptr() as usize,
-                    r.gpa().raw(),
-                    slot16(r.slot()),
-                    Perm::RW,
-                );
-                Ok((t, last))
+                Ok((t, LastRegion::whole(map.region(t.index))))
             }
             Some(tlb) => {
                 let e = *tlb.entry(addr.raw(), perm).map_err(|f| iotlb_error(f, perm))?;
