@@ -847,8 +847,13 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         if self.used_added == 0 {
             self.batch_used_start = self.state.next_used;
         }
-        // The positions in locals for the loop, written back after it.
+        // The positions in locals for the loop, written back after it; with the wrap counters,
+        // the flag bits they stand for: a head is available when its AVAIL/USED bits are
+        // `avail_bits` (AVAIL = wrap, USED = !wrap), a used descriptor gets `used_bits`.
         let QueueState { mut next_avail, mut next_used, mut avail_wrap, mut used_wrap } = *self.state;
+        const BOTH: u16 = DESC_F_AVAIL | DESC_F_USED;
+        let mut avail_bits = if avail_wrap { DESC_F_AVAIL } else { DESC_F_USED };
+        let mut used_bits = if used_wrap { BOTH } else { 0 };
         let mut first = *first_used_flags;
         let mut popped = 0usize;
         let mut completed = 0u16;
@@ -863,37 +868,43 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     // Acquire: as in `packed_available`.
                     .load(Ordering::Acquire),
             );
-            if (flags & DESC_F_AVAIL != 0) != avail_wrap || (flags & DESC_F_USED != 0) == avail_wrap {
+            if flags & BOTH != avail_bits {
                 break;
             }
             // SAFETY: as above; the head (next_avail) is below the size.
             let Some((id, count)) = (unsafe { cached::packed_chain(ring, size, next_avail, segs, &mut win) }) else {
                 break;
             };
-            let (next, wrapped) = advance(next_avail, count, size);
-            next_avail = next;
-            avail_wrap ^= wrapped;
+            // count <= size (the walker's limit), so the sums stay below 2 * size <= 65536.
+            next_avail += count;
+            if next_avail >= size {
+                next_avail -= size;
+                avail_wrap = !avail_wrap;
+                avail_bits ^= BOTH;
+            }
             popped += 1;
             let chain = Chain::new(id, count, segs);
             let Some(written) = f(&chain) else { continue };
-            let used_flags = if used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
-            // SAFETY: next_used < size (the loop's condition; `advance` keeps it so) and the
-            // ring's view holds 16 * size bytes from a 16-aligned base: the descriptor's length
-            // (offset 8), id (12) and flags (14) are inside it, aligned.
+            // SAFETY: next_used < size (the loop's condition; kept so below) and the ring's view
+            // holds 16 * size bytes from a 16-aligned base: the descriptor's length (offset 8),
+            // id (12) and flags (14) are inside it, aligned.
             unsafe {
                 let p = ring.add(16 * usize::from(next_used));
                 p.add(8).cast::<u32>().write_volatile(written.to_le());
                 p.add(12).cast::<u16>().write_volatile(id.to_le());
                 if first.is_none() {
                     // The first used descriptor of a batch is made visible last (2.8.21.2).
-                    first = Some((next_used, used_flags));
+                    first = Some((next_used, used_bits));
                 } else {
-                    p.add(14).cast::<u16>().write_volatile(used_flags.to_le());
+                    p.add(14).cast::<u16>().write_volatile(used_bits.to_le());
                 }
             }
-            let (next, wrapped) = advance(next_used, count, size);
-            next_used = next;
-            used_wrap ^= wrapped;
+            next_used += count;
+            if next_used >= size {
+                next_used -= size;
+                used_wrap = !used_wrap;
+                used_bits ^= BOTH;
+            }
             completed += 1;
         }
         *self.state = QueueState { next_avail, next_used, avail_wrap, used_wrap };
