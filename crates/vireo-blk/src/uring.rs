@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vireo_memory::{Batch, GuestPhysAddr, GuestSlice, IoPin};
-use vireo_queue::{Chain, UsedToken};
+use vireo_queue::{Chain, QueueError, UsedToken};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{data_iovecs, req, Inner, Storage, S_IOERR, S_OK};
@@ -104,10 +104,16 @@ impl UringEngine {
         (len > 0).then_some((kind, off))
     }
 
-    fn finish(&mut self, slot: usize, res: i32, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) {
+    fn finish(
+        &mut self,
+        slot: usize,
+        res: i32,
+        mem: &Batch<'_>,
+        out: &mut Vec<(UsedToken, u32)>,
+    ) -> Result<(), QueueError> {
         let Some(r) = self.slab.get_mut(slot).and_then(Option::take) else {
             tracing::error!(queue = self.queue, slot, "io_uring completion for no request");
-            return;
+            return Ok(());
         };
         self.free.push(slot);
         self.in_flight -= 1;
@@ -133,14 +139,14 @@ impl UringEngine {
                 if n == 0 {
                     break;
                 }
-                if let Err(e) = mem.log_write(gpa, u64::from(n)) {
-                    tracing::warn!(queue = self.queue, error = %e, "write not logged");
-                }
+                // Not completed: a write the log lacks is never exposed (`Engine::reap`).
+                mem.log_write(gpa, u64::from(n)).map_err(|e| QueueError::mem(gpa, u64::from(n), e))?;
                 left -= n;
             }
         }
         out.push((r.token, written));
         // Dropping `r` releases its pins: an invalidation waiting for them may now go on.
+        Ok(())
     }
 }
 
@@ -215,14 +221,20 @@ impl vireo_vhost::Engine for UringEngine {
         Ok(())
     }
 
-    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) {
+    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) -> Result<(), QueueError> {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        // Every completion is finished (its pins released) whatever the others' outcome.
+        let mut first_error = Ok(());
         for &(ud, res) in &cqes {
-            self.finish(usize::try_from(ud).unwrap_or(usize::MAX), res, mem, out);
+            let r = self.finish(usize::try_from(ud).unwrap_or(usize::MAX), res, mem, out);
+            if first_error.is_ok() {
+                first_error = r;
+            }
         }
         self.cqes = cqes;
+        first_error
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {

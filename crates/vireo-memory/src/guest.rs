@@ -722,7 +722,7 @@ fn pin_iotlb(
     }
 }
 
-/// A region this batch has translated into (and pinned), as a linear range of the addresses
+/// A region this batch has translated into (and holds), as a linear range of the addresses
 /// the driver uses (guest physical, or IOVAs behind an IOTLB) with the rights it allows.
 #[derive(Debug, Clone, Copy)]
 struct LastRegion {
@@ -949,7 +949,8 @@ impl<'q> Batch<'q> {
     }
 
     /// Translates `len` bytes at `gpa` for the access `perm` (checked behind an IOTLB), which
-    /// must lie in one region, and pins that region for the rest of the batch.
+    /// must lie in one region, and holds that region for the rest of the batch (a pin, unless its
+    /// cached translation already holds it).
     #[inline(always)]
     pub fn translate(&self, gpa: GuestPhysAddr, len: u64, perm: Perm) -> Result<GuestSlice<'_>, MemoryError> {
         self.translate_piece(gpa, len, perm, false).map(|p| p.slice)
@@ -1073,9 +1074,10 @@ impl<'q> Batch<'q> {
             };
             let n = usize::try_from(take).map_err(|_| MemoryError::Unmapped { gpa, len })?;
             let ptr = NonNull::new(t.host as *mut u8).ok_or_else(|| MemoryError::Unmapped { gpa, len })?;
-            // SAFETY: the region holding [gpa, gpa+take) is pinned until this batch ends (the
-            // invalidator waits for pins to drop before retiring it), `take` bytes fit in it, and
-            // the slice borrows the batch, so it cannot outlive the pin.
+            // SAFETY: the region holding [gpa, gpa+take) is held until this batch ends, by the pin
+            // just taken or by the batch's cache (`pin_index`; the invalidator waits for both
+            // before retiring it), `take` bytes fit in it, and the slice borrows the batch, so it
+            // cannot outlive the batch.
             let slice = unsafe { GuestSlice::new(ptr, n) };
             let phys = GuestPhysAddr::new(last.phys + (gpa.raw() - last.gpa));
             // Slots are below NUM_SLOTS, which fits u16.
@@ -1158,26 +1160,20 @@ impl<'q> Batch<'q> {
     }
 
     /// A pin for an I/O that goes on after the batch (an io_uring read into a guest buffer): the
-    /// region holding `gpa` is not retired until the pin is dropped. The batch must already hold
-    /// the region (any translation of `gpa` in this batch did that: by a pin, or by the cached
-    /// translation for the rings' region).
+    /// region of `piece`, a translation made in this batch (which holds the region: by a pin, or
+    /// by the cached translation of the rings' region), is not retired until the pin is dropped.
+    /// The region is the piece's, not whatever holds its address now: a batch whose pin was
+    /// refused mid-way moves to a newer map, where the address may lie in a replacement region.
     ///
     /// Behind an IOTLB the pin also holds the IOTLB generation: an invalidation of the IOVA
     /// waits for the I/O too.
-    pub fn io_pin(&self, gpa: GuestPhysAddr) -> Result<IoPin, MemoryError> {
-        let held = self.held;
-        let slot = match self.last.get() {
-            // The rings' region first: the batch holds it through the cache whatever it
-            // translated since (a look in the map could find its replacement, or nothing).
-            _ if gpa.raw().wrapping_sub(held.gpa) < held.len => usize::from(held.slot),
-            l if gpa.raw().wrapping_sub(l.gpa) < l.len => usize::from(l.slot),
-            _ => usize::from(self.translate_inner(gpa, 1, Perm::NONE, false)?.slot),
-        };
+    pub fn io_pin(&self, piece: &Piece<'_>) -> IoPin {
+        let slot = usize::from(piece.slot);
         self.gate.pin_again(slot);
         if let Some(s) = self.iotlb_slot {
             self.gate.pin_again(s);
         }
-        Ok(IoPin { gate: self.gate.clone(), slot, iotlb_slot: self.iotlb_slot })
+        IoPin { gate: self.gate.clone(), slot, iotlb_slot: self.iotlb_slot }
     }
 
     /// I/O pins on the slots of pieces this batch translated ([`Piece::slot`]), one per distinct

@@ -173,8 +173,8 @@ fn io_pin_holds_off_retirement() {
     let mut q = mem.register_queue();
     let (pin, ptr) = {
         let batch = q.batch(&[]);
-        let s = batch.translate(gpa(0x3000), 4096, Perm::RW).unwrap();
-        (batch.io_pin(gpa(0x3000)).unwrap(), s.as_ptr() as usize)
+        let p = batch.translate_piece(gpa(0x3000), 4096, Perm::RW, false).unwrap();
+        (batch.io_pin(&p), p.slice.as_ptr() as usize)
     };
     let done = Arc::new(AtomicBool::new(false));
     let remover = {
@@ -211,7 +211,7 @@ fn io_pin_in_the_rings_region_holds_it_after_the_window_moved() {
     let (pin, ptr, remover) = {
         let batch = q.batch(&[(gpa(0x1000), 64)]);
         assert!(batch.cached().is_some());
-        let s = batch.translate(gpa(0x3000), 4096, Perm::RW).unwrap();
+        let p = batch.translate_piece(gpa(0x3000), 4096, Perm::RW, false).unwrap();
         // The window moves to region B.
         batch.translate(gpa(MB + 0x1000), 64, Perm::RW).unwrap();
         let remover = {
@@ -224,7 +224,7 @@ fn io_pin_in_the_rings_region_holds_it_after_the_window_moved() {
         // Region A is retiring now, and the remover waits for this batch.
         std::thread::sleep(Duration::from_millis(50));
         assert!(!done.load(Ordering::SeqCst), "region A retired under a batch whose cache is in it");
-        (batch.io_pin(gpa(0x3000)).unwrap(), s.as_ptr() as usize, remover)
+        (batch.io_pin(&p), p.slice.as_ptr() as usize, remover)
     };
     std::thread::sleep(Duration::from_millis(100));
     assert!(!done.load(Ordering::SeqCst), "region A was retired under an in-flight I/O");
@@ -234,6 +234,45 @@ fn io_pin_in_the_rings_region_holds_it_after_the_window_moved() {
     remover.join().unwrap();
     assert_eq!(a.read_u64(0x3000), 77);
     assert_eq!(perms_of(ptr).as_deref(), Some("---p"));
+}
+
+/// An I/O pin holds the region its piece came from, even after the batch moved to a newer map
+/// in which the address lies in a replacement region: the batch pins region A, a new memory
+/// table replacing A and B starts (and waits for that pin), the batch's pin on B is refused and
+/// it reloads the map; the I/O pinned for A's buffer must keep A until the I/O ends.
+#[test]
+fn io_pin_holds_the_pieces_region_after_a_map_reload() {
+    let a = Backing::new(0, MB, 0x1000_0000);
+    let b = Backing::new(MB, MB, 0x2000_0000);
+    let (a2, b2) = (Backing::new(0, MB, 0x3000_0000), Backing::new(MB, MB, 0x4000_0000));
+    let mem = prot_none();
+    mem.set_regions(&[a.spec(), b.spec()]).unwrap();
+    let mut q = mem.register_queue();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let (pin, ptr, setter) = {
+            let batch = q.batch(&[]);
+            let p = batch.translate_piece(gpa(0x3000), 4096, Perm::RW, false).unwrap();
+            let setter = sc.spawn(|| {
+                mem.set_regions(&[a2.spec(), b2.spec()]).unwrap();
+                done.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!done.load(Ordering::SeqCst), "region A retired under a batch that pinned it");
+            // B is retiring: its pin is refused and the batch moves to the new map.
+            batch.translate(gpa(MB + 0x1000), 64, Perm::RW).unwrap();
+            (batch.io_pin(&p), p.slice.as_ptr() as usize, setter)
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!done.load(Ordering::SeqCst), "region A was retired under an in-flight I/O");
+        // SAFETY: the pin keeps the mapping alive; the address is inside the 4096 bytes
+        // translated.
+        unsafe { (ptr as *mut u64).write_volatile(55) };
+        drop(pin);
+        setter.join().unwrap();
+        assert_eq!(a.read_u64(0x3000), 55);
+        assert_eq!(perms_of(ptr).as_deref(), Some("---p"));
+    });
 }
 
 #[test]

@@ -201,7 +201,7 @@ fn walk_table(lo: u64, hi: u64, packed: bool, fill: &mut Filling<'_>, win: &mut 
     let mut j = 0usize;
     loop {
         // SAFETY: j < entries, and the table's piece holds 16 * entries bytes from the 8-aligned
-        // `base`, in a region the translation pinned for the batch.
+        // `base`, in a region the batch holds (the translation pinned it, or its cache holds it).
         let (elo, ehi) = unsafe { words(base.add(16 * j)) };
         let flags = if packed { packed_flags(ehi) } else { split_flags(ehi) };
         if flags & DESC_F_INDIRECT != 0 {

@@ -83,8 +83,10 @@ impl QueueError {
         }
     }
 
+    /// A guest-memory error at `len` bytes from `gpa` (a device's engine reports an unloggable
+    /// write with it, say).
     #[cold]
-    pub(crate) fn mem(gpa: GuestPhysAddr, len: u64, source: MemoryError) -> Self {
+    pub fn mem(gpa: GuestPhysAddr, len: u64, source: MemoryError) -> Self {
         Self::Memory { gpa, len, source: Box::new(source) }
     }
 }

@@ -90,12 +90,15 @@ pub struct Single<'b> {
     pub buf: GuestSlice<'b>,
     /// Guest physical address of `buf`'s first byte.
     pub phys: GuestPhysAddr,
+    /// The protocol slot of `buf`'s region: what an I/O that outlives the batch pins
+    /// ([`vireo_memory::Batch::io_pins`]).
+    pub slot: u16,
 }
 
 impl Single<'_> {
     /// An unused entry, to fill arrays with before [`QueueBatch::pop_singles`].
     pub const EMPTY: Single<'static> =
-        Single { id: 0, writable: false, buf: GuestSlice::empty(), phys: GuestPhysAddr::new(0) };
+        Single { id: 0, writable: false, buf: GuestSlice::empty(), phys: GuestPhysAddr::new(0), slot: 0 };
 
     /// What to pass to [`QueueBatch::add_used`] for it.
     pub fn token(&self) -> UsedToken {
@@ -702,7 +705,9 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// once: `f` does the device's work on the buffer and returns how many bytes it wrote, which
     /// are logged (when logging is on) and become the used length. One loop from the available
     /// ring to the used ring, for devices that finish such chains synchronously (a null disk, a
-    /// receive queue fed by a copy). Returns how many were completed.
+    /// receive queue fed by a copy). Returns how many were completed. A write the dirty log
+    /// cannot record breaks the queue (that chain is taken and not completed; the next call on
+    /// the batch reports the queue broken), as on every other path.
     // Counts below the queue size (at most 32768) are taken as u16, lengths of one
     // descriptor (u32) as u32.
     #[allow(clippy::cast_possible_truncation)]
@@ -1388,7 +1393,8 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
                     None => break 'runs,
                 },
             };
-            let written = f(Single { id: head, writable, buf: piece.slice, phys: piece.phys }).min(desc.len);
+            let written =
+                f(Single { id: head, writable, buf: piece.slice, phys: piece.phys, slot: piece.slot }).min(desc.len);
             if LOGGING && writable && written > 0 {
                 if let Err(e) = mem.log_write(piece.phys, u64::from(written)) {
                     // Not completed: a write the log lacks is never exposed.
@@ -1533,7 +1539,7 @@ fn single_at<'b>(
             p
         }
     };
-    Some(Single { id: head, writable, buf: piece.slice, phys: piece.phys })
+    Some(Single { id: head, writable, buf: piece.slice, phys: piece.phys, slot: piece.slot })
 }
 
 /// See `QueueBatch::pop`: the chain at the next available entry through the cached walker, in

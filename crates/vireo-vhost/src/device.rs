@@ -3,7 +3,7 @@
 use std::os::fd::BorrowedFd;
 
 use vireo_memory::Batch;
-use vireo_queue::{Chain, UsedToken};
+use vireo_queue::{Chain, QueueError, UsedToken};
 
 /// A virtio device served over vhost-user.
 ///
@@ -62,7 +62,11 @@ pub trait Engine: Send {
     fn submit(&mut self) -> std::io::Result<()>;
     /// Finishes the requests that completed: writes their status into guest memory through
     /// `mem`, logs what they wrote, releases their pins, and appends `(token, used length)`.
-    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>);
+    /// A request whose writes the dirty log cannot record (a log smaller than guest memory) is
+    /// finished but not appended, and the error is returned after the others are: the worker
+    /// publishes what was appended and breaks the queue, so a write the log lacks is never
+    /// exposed (as on the synchronous path).
+    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) -> Result<(), QueueError>;
     /// A file descriptor that becomes readable when requests complete (the worker polls it with
     /// the kick); reading 8 bytes from it re-arms it.
     fn completion_fd(&self) -> BorrowedFd<'_>;

@@ -177,6 +177,9 @@ struct Served {
     done: Vec<(UsedToken, u32)>,
     /// Completions reaped while parked, added to the used ring once the queue runs again.
     stash: Vec<(UsedToken, u32)>,
+    /// A reap while parked found a write the dirty log could not record: the queue breaks once
+    /// the stash is in the ring.
+    stash_error: Option<QueueError>,
     /// Waiting for the frontend to answer an IOTLB miss.
     parked: Option<Parked>,
     channel: Arc<BackendChannel>,
@@ -208,6 +211,7 @@ impl Served {
             broken_flag: s.broken,
             done: Vec::new(),
             stash: Vec::new(),
+            stash_error: None,
             parked: None,
             channel: s.channel,
             log_kick: s.log_kick,
@@ -232,8 +236,10 @@ impl Served {
         qb.add_used_many(stash.drain(..))?;
         if let Some(engine) = engine.as_mut() {
             done.clear();
-            engine.reap(mem, done);
+            let reaped = engine.reap(mem, done);
             qb.add_used_many(done.iter().copied())?;
+            // A write the log could not record: the rest are published, the queue breaks.
+            reaped?;
         }
         // Completions go out as soon as they are made, not at the end of the pass: a driver
         // that is running sees them while the device works on what follows, so the two sides
@@ -300,7 +306,10 @@ impl Served {
             }
             if engine.in_flight() > 0 {
                 let stash = &mut self.stash;
-                self.queue.with_memory(|mem| engine.reap(mem, stash));
+                if let Err(e) = self.queue.with_memory(|mem| engine.reap(mem, stash)) {
+                    // What was stashed goes into the ring below; the failed request never does.
+                    self.stash_error = Some(e);
+                }
             }
         }
         if self.stash.is_empty() {
@@ -320,6 +329,9 @@ impl Served {
             Ok((Ok(()), notify)) => self.signal(notify),
             Err(e) if e.is_iotlb_miss() => {}
             Ok((Err(e), _)) | Err(e) => self.break_queue(&e),
+        }
+        if let Some(e) = self.stash_error.take() {
+            self.break_queue(&e);
         }
     }
 
@@ -449,13 +461,9 @@ impl Served {
                     qb.add_used(token, len)?;
                 }
                 done.clear();
-                if let Some(e) = engine.as_mut() {
-                    e.reap(mem, done);
-                }
-                for &(token, len) in done.iter() {
-                    qb.add_used(token, len)?;
-                }
-                Ok::<(), QueueError>(())
+                let reaped = engine.as_mut().map_or(Ok(()), |e| e.reap(mem, done));
+                qb.add_used_many(done.iter().copied())?;
+                reaped
             });
             match res {
                 Ok((Ok(()), notify)) => self.signal(notify),
