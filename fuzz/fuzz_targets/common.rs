@@ -64,7 +64,7 @@ fn trace(data: &[u8], packed: bool, translating: bool) -> Trace {
     } else {
         RingAddrs::Split { desc, avail: GuestPhysAddr::new(0x1000), used: GuestPhysAddr::new(0x2000) }
     };
-    let cfg = QueueConfig { size, addrs, event_idx: knobs & 2 != 0, ring_log_addr: None };
+    let cfg = QueueConfig { size, addrs, event_idx: knobs & 2 != 0 };
     let mut q = Queue::new(mem.register_queue(), cfg).expect("valid configuration");
     q.set_force_translating(translating);
     let mut t = Trace::default();

@@ -62,6 +62,6 @@ fuzz_target!(|data: &[u8]| {
     // replies fit in the socket buffer) and then stops every queue it started.
     let _ = front.shutdown(std::net::Shutdown::Write);
     let stop = AtomicBool::new(false);
-    vireo_vhost::serve_stream(back, Arc::new(device), &stop, &ServeOptions::default());
+    let _ = vireo_vhost::serve(vireo_vhost::Endpoint::Stream(back), Arc::new(device), &stop, &ServeOptions::default());
     drop(fds_keep);
 });

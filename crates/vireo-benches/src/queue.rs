@@ -187,8 +187,7 @@ fn vireo_queue(mem: &GuestMemory, rig: &Rig, r: &Rings) -> Queue {
     } else {
         RingAddrs::Split { desc: r.desc, avail: r.avail, used: r.used }
     };
-    Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true, ring_log_addr: None })
-        .expect("queue")
+    Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true }).expect("queue")
 }
 
 fn vireo_batch(q: &mut Queue, chains: u16) {

@@ -48,12 +48,7 @@ fn case(chains: &[(Vec<(u32, bool)>, bool)], order: &[prop::sample::Index], lens
     mem.set_regions(&ram.specs()).unwrap();
     let mut q = Queue::new(
         mem.register_queue(),
-        QueueConfig {
-            size: SIZE,
-            addrs: RingAddrs::Split { desc, avail, used },
-            event_idx: false,
-            ring_log_addr: None,
-        },
+        QueueConfig { size: SIZE, addrs: RingAddrs::Split { desc, avail, used }, event_idx: false },
     )
     .unwrap();
     let mut ours: Seen = Vec::new();

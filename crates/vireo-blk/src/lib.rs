@@ -1,13 +1,16 @@
 //! Vireo's virtio-blk device (virtio 1.x 5.2): a raw image file or a null device, served through
 //! `vireo-vhost`.
 //!
-//! Reads, writes and flushes of an image go through io_uring (`uring.rs`, one ring per queue,
-//! the default `Aio::IoUring`): submitted straight from the guest's buffers (no bounce copy),
-//! completed out of order, each request holding I/O pins on the regions its buffers are in until
-//! it is reaped. With `Aio::Sync`, and for the other request types, requests are handled on the
-//! worker during the batch (`preadv`/`pwritev` on the chain's iovecs, valid while the batch pins
-//! the buffers' regions). `direct` opens the image a second time with O_DIRECT for the aligned
-//! requests of the io_uring path; misaligned ones take the buffered descriptor.
+//! Each queue is its own group, served by a [`queue::BlkQueue`] (`queue.rs`): chains are popped,
+//! handled and completed in one loop (`pop_each`), and each completion is published as it is
+//! made. Reads, writes and flushes of an image go through io_uring (`uring.rs`, one ring per
+//! queue, the default `Aio::IoUring`): submitted straight from the guest's buffers (no bounce
+//! copy), completed out of order, each request holding I/O pins on the regions its buffers are in
+//! until it is reaped. With `Aio::Sync`, and for the other request types, requests are handled on
+//! the worker during the batch (`preadv`/`pwritev` on the chain's iovecs, valid while the batch
+//! holds the buffers' regions). `direct` opens the image a second time with O_DIRECT for the
+//! aligned requests of the io_uring path; misaligned ones take the buffered descriptor, and so
+//! do requests whose buffers are guest RAM in a regular file (see `uring.rs`).
 //!
 //! # Invariants
 //! * Every request gets a status byte (OK, IOERR or UNSUPP) when the chain has a writable byte
@@ -16,15 +19,16 @@
 
 #![warn(missing_docs)]
 
+mod queue;
 mod uring;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vireo_memory::Batch;
 use vireo_queue::Chain;
-use vireo_vhost::Device;
+use vireo_vhost::{Device, QueueHandler};
+use vireo_wire::features::blk as f;
 
 const SECTOR: u64 = 512;
 
@@ -44,16 +48,6 @@ const S_OK: u8 = vblk::VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = vblk::VIRTIO_BLK_S_IOERR as u8;
 #[allow(clippy::cast_possible_truncation)]
 const S_UNSUPP: u8 = vblk::VIRTIO_BLK_S_UNSUPP as u8;
-
-const F_SIZE_MAX: u64 = 1 << vblk::VIRTIO_BLK_F_SIZE_MAX;
-const F_SEG_MAX: u64 = 1 << vblk::VIRTIO_BLK_F_SEG_MAX;
-const F_RO: u64 = 1 << vblk::VIRTIO_BLK_F_RO;
-const F_BLK_SIZE: u64 = 1 << vblk::VIRTIO_BLK_F_BLK_SIZE;
-const F_FLUSH: u64 = 1 << vblk::VIRTIO_BLK_F_FLUSH;
-const F_TOPOLOGY: u64 = 1 << vblk::VIRTIO_BLK_F_TOPOLOGY;
-const F_MQ: u64 = 1 << vblk::VIRTIO_BLK_F_MQ;
-const F_DISCARD: u64 = 1 << vblk::VIRTIO_BLK_F_DISCARD;
-const F_WRITE_ZEROES: u64 = 1 << vblk::VIRTIO_BLK_F_WRITE_ZEROES;
 
 /// Where the blocks live.
 #[derive(Debug)]
@@ -324,13 +318,13 @@ impl BlkDevice {
 
 impl Device for BlkDevice {
     fn features(&self) -> u64 {
-        let mut f = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY | F_MQ;
+        let mut bits = f::SIZE_MAX | f::SEG_MAX | f::BLK_SIZE | f::FLUSH | f::TOPOLOGY | f::MQ;
         if self.inner.cfg.read_only {
-            f |= F_RO;
+            bits |= f::RO;
         } else if matches!(self.inner.storage, Storage::File { .. }) {
-            f |= F_DISCARD | F_WRITE_ZEROES;
+            bits |= f::DISCARD | f::WRITE_ZEROES;
         }
-        f
+        bits
     }
 
     fn config(&self) -> Vec<u8> {
@@ -389,21 +383,20 @@ impl Device for BlkDevice {
         self.inner.cfg.queue_size
     }
 
-    fn handle(&self, _queue: usize, chain: &Chain<'_>, _mem: &Batch<'_>) -> u32 {
-        self.inner.handle_sync(chain)
-    }
-
-    fn engine(&self, queue: usize) -> std::io::Result<Option<Box<dyn vireo_vhost::Engine>>> {
-        if self.inner.cfg.aio != Aio::IoUring || !matches!(self.inner.storage, Storage::File { .. }) {
-            return Ok(None);
-        }
-        match uring::UringEngine::new(self.inner.clone(), queue) {
-            Ok(e) => Ok(Some(Box::new(e))),
-            Err(e) => {
-                tracing::warn!(queue, error = %e, "io_uring unavailable; this queue does synchronous I/O");
-                Ok(None)
+    /// One handler per queue: a block queue needs nothing of another.
+    fn activate(&self, queue: usize, _features: u64) -> std::io::Result<Box<dyn QueueHandler>> {
+        let engine = if self.inner.cfg.aio == Aio::IoUring && matches!(self.inner.storage, Storage::File { .. }) {
+            match uring::UringEngine::new(self.inner.clone(), queue) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(queue, error = %e, "io_uring unavailable; this queue does synchronous I/O");
+                    None
+                }
             }
-        }
+        } else {
+            None
+        };
+        Ok(Box::new(queue::BlkQueue::new(self.inner.clone(), engine)))
     }
 }
 
@@ -417,11 +410,13 @@ impl Inner {
             Some((kind, sector)) => self.run(kind, sector, chain),
             None => (S_IOERR, 0),
         };
-        let status_at = chain.writable_len() as usize - 1;
-        chain.write_at(status_at, &[status]);
-        // What the device wrote: the data (reads, GET_ID) and the status byte. A write-type
-        // request wrote only the status, but the used length counts from the writable start.
-        if data == 0 {
+        let status_at = chain.writable_len() - 1;
+        chain.write_at(status_at as usize, &[status]);
+        // What the device wrote, counted from the writable start (the used length, and what the
+        // dirty log records): the data (reads, GET_ID) and the status byte. When the status byte
+        // is not right after the data (a write-type request, or GET_ID into a buffer longer than
+        // the 20 id bytes), everything up to it.
+        if data == 0 || status_at > data {
             chain.writable_len()
         } else {
             data + 1

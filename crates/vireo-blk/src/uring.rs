@@ -155,8 +155,23 @@ fn aligned(iov: &[libc::iovec], off: u64) -> bool {
         && iov.iter().all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
 }
 
-impl vireo_vhost::Engine for UringEngine {
-    fn start(&mut self, chain: &Chain<'_>, mem: &Batch<'_>, token: UsedToken) -> Option<u32> {
+/// Reads the completion eventfd so that it polls quiet again.
+pub(crate) fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut buf);
+}
+
+/// What the queue's handler calls, per batch: [`UringEngine::reap`] (finished requests become
+/// used elements), [`UringEngine::start`] for each chain it pops, then [`UringEngine::submit`].
+/// A started request holds I/O pins on the guest regions its buffers are in
+/// (`Chain::io_pins`): an invalidation of those regions waits until the request is reaped, so the
+/// kernel never reads or writes memory the frontend has taken back. Reaping needs nothing the
+/// invalidating side holds.
+impl UringEngine {
+    /// Starts `chain`: `Some(len)` when it completed at once (the caller logs `len` written
+    /// bytes and adds the used element), `None` when it is in flight and [`UringEngine::reap`]
+    /// will return `token` later.
+    pub(crate) fn start(&mut self, chain: &Chain<'_>, mem: &Batch<'_>, token: UsedToken) -> Option<u32> {
         let Some((kind, off)) = self.plan(chain) else { return Some(self.dev.handle_sync(chain)) };
         let mut pins = Vec::with_capacity(2);
         chain.io_pins(mem, &mut pins);
@@ -213,7 +228,8 @@ impl vireo_vhost::Engine for UringEngine {
         None
     }
 
-    fn submit(&mut self) -> std::io::Result<()> {
+    /// Hands the requests started since the last call to the kernel.
+    pub(crate) fn submit(&mut self) -> std::io::Result<()> {
         if self.unsubmitted > 0 {
             self.ring.submit()?;
             self.unsubmitted = 0;
@@ -221,7 +237,13 @@ impl vireo_vhost::Engine for UringEngine {
         Ok(())
     }
 
-    fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) -> Result<(), QueueError> {
+    /// Finishes the requests that completed: writes their status into guest memory through
+    /// the pointer their pins keep valid, logs what they wrote, releases their pins, and appends
+    /// `(token, used length)`. A request whose writes the dirty log cannot record (a log smaller
+    /// than guest memory) is finished but not appended, and the error is returned after the
+    /// others are: the caller publishes what was appended and breaks the queue, so a write the
+    /// log lacks is never exposed (as on the synchronous path).
+    pub(crate) fn reap(&mut self, mem: &Batch<'_>, out: &mut Vec<(UsedToken, u32)>) -> Result<(), QueueError> {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -237,16 +259,19 @@ impl vireo_vhost::Engine for UringEngine {
         first_error
     }
 
-    fn completion_fd(&self) -> BorrowedFd<'_> {
+    /// Becomes readable when requests complete; reading 8 bytes from it re-arms it.
+    pub(crate) fn completion_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the eventfd lives as long as `self`, which the borrow is tied to.
         unsafe { BorrowedFd::borrow_raw(self.event.as_raw_fd()) }
     }
 
-    fn in_flight(&self) -> usize {
+    /// Requests in flight.
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
     }
 
-    fn wait(&mut self) -> std::io::Result<()> {
+    /// Blocks until at least one request in flight has completed (draining on stop).
+    pub(crate) fn wait(&mut self) -> std::io::Result<()> {
         // A signal (SIGINT/SIGTERM have handlers) interrupts the wait; it is not a failure.
         loop {
             match self.ring.submit_and_wait(1) {
@@ -259,16 +284,35 @@ impl vireo_vhost::Engine for UringEngine {
         Ok(())
     }
 
-    fn pending_submit(&self) -> bool {
+    /// Requests started but not yet handed to the kernel (a submission failed and must be
+    /// retried): the handler runs again without waiting for a kick.
+    pub(crate) fn pending_submit(&self) -> bool {
         self.unsubmitted > 0
     }
 
-    fn discard(&mut self) {
+    /// Waits for every request in flight and drops them without touching guest memory (the
+    /// queue broke: nothing more is written to it); their pins are released as each completes.
+    ///
+    /// A request's pins go only with its completion: until the kernel says it is done it may
+    /// still write into the guest buffers, and a region unmapped under it could be mapped again
+    /// by the next memory table, which the kernel would then write into. So an error from the
+    /// ring does not end the wait (the loop reaps what is there and tries again, backing off):
+    /// when in doubt the region stays mapped, and the invalidation that needs it waits.
+    pub(crate) fn discard(&mut self) {
+        let mut failures = 0u32;
         while self.in_flight > 0 {
             match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
+                Ok(_) => failures = 0,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::error!(queue = self.queue, error = %e, in_flight = self.in_flight, "waiting for I/O to discard failed; retrying");
+                    }
+                    failures = failures.saturating_add(1);
+                    // EBUSY (completions to reap first), EAGAIN or ENOMEM pass; the reap below
+                    // makes room, and the back-off keeps a persistent error from spinning.
+                    std::thread::sleep(std::time::Duration::from_millis(u64::from(failures.min(100))));
+                }
             }
             self.unsubmitted = 0;
             let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
@@ -288,6 +332,6 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         // The kernel may still write into guest memory for requests in flight: wait for them
         // before their pins (and the ring) go.
-        vireo_vhost::Engine::discard(self);
+        self.discard();
     }
 }

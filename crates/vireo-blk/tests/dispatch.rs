@@ -39,7 +39,13 @@ impl Conn {
         let server = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                vireo_vhost::serve_stream(back, Arc::new(device), &stop, &ServeOptions::default())
+                vireo_vhost::serve(
+                    vireo_vhost::Endpoint::Stream(back),
+                    Arc::new(device),
+                    &stop,
+                    &ServeOptions::default(),
+                )
+                .unwrap()
             })
         };
         Self { sock: front, server: Some(server), stop }

@@ -36,7 +36,10 @@ fn a_thousand_connections_leak_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let (sock, stop) = (sock.clone(), stop.clone());
-        std::thread::spawn(move || vireo_vhost::serve(&sock, Arc::new(device), &stop).unwrap())
+        std::thread::spawn(move || {
+            vireo_vhost::serve(vireo_vhost::Endpoint::Listen(sock), Arc::new(device), &stop, &Default::default())
+                .unwrap()
+        })
     };
     let t = Instant::now();
     while !sock.exists() {

@@ -20,7 +20,7 @@ fn a_ring_without_kick_fd_is_polled() {
     let log = vireo_memory::memfd("log", 4096).unwrap();
     backend.set_log_base(&vhost::vhost_user::message::VhostUserLog::new(4096, 0), std::fs::File::from(log)).unwrap();
     let kick = rustix::event::eventfd(0, rustix::event::EventfdFlags::NONBLOCK).unwrap();
-    backend.set_log_fd(std::fs::File::from(kick.try_clone().unwrap()));
+    backend.set_log_fd(std::fs::File::from(kick.try_clone().unwrap())).unwrap();
 
     // GET_ID: header, 20-byte id buffer, status byte. Published, never kicked.
     let header = ram.alloc(16, 16).unwrap();
@@ -66,7 +66,7 @@ fn a_ring_without_kick_fd_is_polled() {
 #[test]
 fn out_of_range_queue_indices_are_refused() {
     let device = BlkDevice::new(Storage::Null { size: 1 << 20 }, BlkConfig::new("range")).unwrap();
-    let mut backend = VhostUserBackend::new(Arc::new(device), false);
+    let mut backend = VhostUserBackend::new(Arc::new(device), false, 1, vireo_vhost::DEFAULT_POLL_MAX);
     let eventfd = || std::fs::File::from(vireo_memory::memfd("not-an-eventfd", 8).unwrap());
     for index in [1u32, 99, u32::from(u8::MAX), u32::MAX] {
         assert!(backend.set_vring_num(index, 16).is_err());

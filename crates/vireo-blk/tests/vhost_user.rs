@@ -46,7 +46,15 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (sock, stop) = (sock.clone(), stop.clone());
-            std::thread::spawn(move || vireo_vhost::serve_with(&sock, Arc::new(device), &stop, poll).unwrap())
+            std::thread::spawn(move || {
+                vireo_vhost::serve(
+                    vireo_vhost::Endpoint::Listen(sock),
+                    Arc::new(device),
+                    &stop,
+                    &vireo_vhost::ServeOptions { poll, ..Default::default() },
+                )
+                .unwrap()
+            })
         };
         let t = Instant::now();
         while !sock.exists() {

@@ -877,6 +877,13 @@ fn iotlb_error(f: IotlbFault, perm: Perm) -> MemoryError {
 }
 
 impl<'q> Batch<'q> {
+    /// Whether an invalidation waits for this batch: end it as soon as possible (see
+    /// [`Gate::yield_requested`]).
+    #[inline(always)]
+    pub fn yield_requested(&self) -> bool {
+        self.gate.yield_requested()
+    }
+
     /// Whether addresses go through an IOTLB in this batch.
     pub fn iotlb_enabled(&self) -> bool {
         self.iotlb.is_some()

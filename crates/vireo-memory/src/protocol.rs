@@ -115,6 +115,9 @@ pub struct Gate {
     state: AtomicU32,
     /// How many invalidators sleep on `state` (so that `leave` knows to wake them).
     waiters: AtomicU32,
+    /// How many invalidators wait for the batch in progress to end: a hint the reader reads to
+    /// end its batch early ([`Gate::yield_requested`]). No correctness rests on it.
+    yield_wanted: AtomicU32,
     pins: Box<[AtomicU32]>,
     cache_valid: AtomicBool,
     cache_ids: [AtomicU64; MAX_CACHED],
@@ -125,6 +128,7 @@ impl Gate {
         Self {
             state: AtomicU32::new(0),
             waiters: AtomicU32::new(0),
+            yield_wanted: AtomicU32::new(0),
             pins: (0..num_slots).map(|_| AtomicU32::new(0)).collect(),
             cache_valid: AtomicBool::new(false),
             cache_ids: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -201,6 +205,14 @@ impl Gate {
         }
     }
 
+    /// Reader: whether an invalidator waits for the batch in progress; the reader then ends the
+    /// batch as soon as it can (a bounded batch ends anyway; this makes it end now).
+    #[inline(always)]
+    pub fn yield_requested(&self) -> bool {
+        // Relaxed: a hint; the invalidator waits correctly whether or not it is seen.
+        self.yield_wanted.load(Relaxed) != 0
+    }
+
     /// Reader (or an I/O completion): drops one pin on `slot`.
     #[inline]
     pub fn unpin(&self, slot: usize) {
@@ -258,6 +270,8 @@ impl Gate {
             return;
         }
         let mut round = 0u32;
+        // Relaxed: a hint (see `yield_requested`).
+        self.yield_wanted.fetch_add(1, Relaxed);
         // Acquire: pairs with the Release store in `leave`.
         while self.state.load(Acquire) == s {
             // A running reader ends a batch within a microsecond or so: spin that long. Longer
@@ -275,6 +289,7 @@ impl Gate {
             }
             self.waiters.fetch_sub(1, Relaxed);
         }
+        self.yield_wanted.fetch_sub(1, Relaxed);
     }
 
     /// Invalidator: makes sure the reader will not use its cached translation again; waits for a

@@ -20,7 +20,7 @@ fn main() {
     let (desc, avail, used) = drv.addrs();
     let mut q = Queue::new(
         mem.register_queue(),
-        QueueConfig { size: 256, addrs: RingAddrs::Split { desc, avail, used }, event_idx: true, ring_log_addr: None },
+        QueueConfig { size: 256, addrs: RingAddrs::Split { desc, avail, used }, event_idx: true },
     )
     .expect("queue");
     let gpa = ram.alloc(512, 64).expect("buffer");

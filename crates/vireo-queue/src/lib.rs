@@ -20,20 +20,25 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod cached;
 mod chain;
+mod descriptors;
 mod error;
 mod inflight;
 mod inflight_packed;
+mod packed;
 mod queue;
+mod resubmit;
 mod rings;
+mod split;
 
+pub use batch::{AvailPosition, QueueBatch};
 pub use chain::{
     Chain, Descriptor, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
 };
 pub use error::QueueError;
 pub use inflight::{split_region_size, InflightRegion, INFLIGHT_ALIGN};
 pub use inflight_packed::packed_region_size;
-pub use queue::{
-    vring_need_event, Queue, QueueBatch, QueueConfig, QueueState, RingAddrs, Single, UsedToken, MAX_QUEUE_SIZE,
-};
+pub use queue::{Queue, QueueConfig, QueueState, RingAddrs, UsedToken, DEFAULT_BATCH_LIMIT, MAX_QUEUE_SIZE};
+pub use split::{vring_need_event, Single};

@@ -47,12 +47,7 @@ fn split_case_on(
     let (gd, ga, gu) = good.addrs();
     let mut q2 = Queue::new(
         b.mem.register_queue(),
-        QueueConfig {
-            size: SIZE,
-            addrs: RingAddrs::Split { desc: gd, avail: ga, used: gu },
-            event_idx: false,
-            ring_log_addr: None,
-        },
+        QueueConfig { size: SIZE, addrs: RingAddrs::Split { desc: gd, avail: ga, used: gu }, event_idx: false },
     )
     .unwrap();
 

@@ -32,7 +32,7 @@ fn inflight_area(packed: bool, size: u16) -> (Arc<Mapping>, std::os::fd::OwnedFd
 /// A fresh queue on the bench's rings, as a restarted backend builds it: SET_VRING_BASE with the
 /// used position (what QEMU sends after a backend died), then the inflight region.
 fn restart(b: &Bench, packed: bool, size: u16, area: &Arc<Mapping>, used: u16) -> Queue {
-    let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false, ring_log_addr: None };
+    let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false };
     let mut q = Queue::new(b.mem.register_queue(), cfg).unwrap();
     q.set_vring_base(b.drv.restart_base(used)).unwrap();
     let len = usize::try_from(region_size(packed, size)).unwrap();
@@ -262,7 +262,7 @@ fn packed_crash_inside_a_publication() {
             let RingAddrs::Packed { desc, .. } = b.drv.addrs() else { unreachable!() };
             b.ram.write(GuestPhysAddr::new(desc.raw() + 14), &(1u16 << 7).to_le_bytes()).unwrap();
         }
-        let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false, ring_log_addr: None };
+        let cfg = QueueConfig { size, addrs: b.drv.addrs(), event_idx: false };
         let mut q = Queue::new(b.mem.register_queue(), cfg).unwrap();
         q.set_vring_base(1 << 15).unwrap(); // slot 0, wrap counter 1
         q.set_inflight(InflightRegion::new(area.clone(), 0, len).unwrap(), 0).unwrap();

@@ -23,7 +23,7 @@ fn setup(event_idx: bool) -> Setup {
     let (desc, avail, used) = drv.addrs();
     let q = Queue::new(
         mem.register_queue(),
-        QueueConfig { size: 64, addrs: RingAddrs::Split { desc, avail, used }, event_idx, ring_log_addr: None },
+        QueueConfig { size: 64, addrs: RingAddrs::Split { desc, avail, used }, event_idx },
     )
     .unwrap();
     let gpa = ram.alloc(64, 8).unwrap();

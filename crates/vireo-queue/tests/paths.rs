@@ -190,9 +190,7 @@ fn run(img: &[u8], packed: bool, translating: bool, each: bool) -> (Seen, bool, 
             used: GuestPhysAddr::new(USED),
         }
     };
-    let mut q =
-        Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true, ring_log_addr: None })
-            .unwrap();
+    let mut q = Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: true }).unwrap();
     q.set_force_translating(translating);
     let mut seen = Seen::new();
     let mut record = |c: &Chain<'_>| {
@@ -309,11 +307,7 @@ fn length_overflow_is_refused_on_both_paths() {
                 avail: GuestPhysAddr::new(AVAIL),
                 used: GuestPhysAddr::new(USED),
             };
-            let mut q = Queue::new(
-                mem.register_queue(),
-                QueueConfig { size: SIZE, addrs, event_idx: false, ring_log_addr: None },
-            )
-            .unwrap();
+            let mut q = Queue::new(mem.register_queue(), QueueConfig { size: SIZE, addrs, event_idx: false }).unwrap();
             q.set_force_translating(translating);
             let got = q.process(|qb| qb.pop_each(4, |c| Some(c.writable_len().min(1)))).unwrap().0;
             outcomes.push(got.map_err(|e| e.to_string()));

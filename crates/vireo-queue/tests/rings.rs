@@ -285,10 +285,10 @@ proptest! {
     }
 }
 
-/// `pop_singles` hands out the same chains `pop` would, with the same buffers, as long as they
-/// are one descriptor each; it stops at the first chain of another shape (which `pop` then takes)
-/// and at a bad head (which `pop` then reports); `add_used_many` leaves the used ring `add_used`
-/// would.
+/// `complete_singles` hands out the same chains `pop` would, with the same buffers, as long as
+/// they are one descriptor each; it stops at the first chain of another shape (which `pop` then
+/// takes) and at a bad head (which `pop` then reports); the used ring is the one `add_used`
+/// would leave.
 #[test]
 fn batched_singles_match_pop() {
     let mut b = Bench::new(false, 16, 1 << 20);
@@ -309,19 +309,23 @@ fn batched_singles_match_pop() {
     let (seen, _) = b
         .queue
         .process(|qb| {
-            let mut out = [vireo_queue::Single::EMPTY; 16];
-            let n = qb.pop_singles(&mut out);
-            let mut seen: Vec<(u16, bool, u64, usize)> =
-                out[..n].iter().map(|s| (s.id, s.writable, s.phys.raw(), s.buf.len())).collect();
-            qb.add_used_many(out[..n].iter().map(|s| (s.token(), s.buf.len() as u32))).unwrap();
+            let mut seen: Vec<(u16, bool, u64, usize)> = Vec::new();
+            let n = qb.complete_singles(16, |s| {
+                seen.push((s.id, s.writable, s.phys.raw(), s.buf.len()));
+                // The used length is what the device says it wrote: here the buffer's length.
+                s.buf.len() as u32
+            });
+            assert_eq!(n, 6);
             // The pair: `pop` takes it.
             let t = qb.pop().unwrap().unwrap().token();
             assert_eq!(t.id, pair_id);
             qb.add_used(t, 0).unwrap();
-            let m = qb.pop_singles(&mut out);
-            seen.extend(out[..m].iter().map(|s| (s.id, s.writable, s.phys.raw(), s.buf.len())));
-            qb.add_used_many(out[..m].iter().map(|s| (s.token(), 7))).unwrap();
-            assert_eq!(qb.pop_singles(&mut out), 0, "nothing left");
+            let m = qb.complete_singles(16, |s| {
+                seen.push((s.id, s.writable, s.phys.raw(), s.buf.len()));
+                7
+            });
+            assert_eq!(m, 2);
+            assert_eq!(qb.complete_singles(16, |_| 0), 0, "nothing left");
             seen
         })
         .unwrap();
@@ -337,7 +341,7 @@ fn batched_singles_match_pop() {
     want_used.extend(expect[6..].iter().map(|(id, _)| (*id, 7)));
     assert_eq!(used, want_used);
 
-    // A head out of range: `pop_singles` stops short of it, `pop` breaks the queue on it.
+    // A head out of range: `complete_singles` stops short of it, `pop` breaks the queue on it.
     let mut b = Bench::new(false, 16, 1 << 20);
     let buf = b.buffer(64, true, 1);
     b.drv.add(&mut b.ram, &[buf], false).unwrap();
@@ -347,8 +351,7 @@ fn batched_singles_match_pop() {
     b.ram.write(GuestPhysAddr::new(avail.raw() + 4), &99u16.to_le_bytes()).unwrap();
     b.queue
         .process(|qb| {
-            let mut out = [vireo_queue::Single::EMPTY; 4];
-            assert_eq!(qb.pop_singles(&mut out), 0);
+            assert_eq!(qb.complete_singles(4, |_| 0), 0);
             assert!(qb.pop().is_err());
         })
         .unwrap();

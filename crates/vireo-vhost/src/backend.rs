@@ -1,11 +1,12 @@
-//! The vhost-user backend: one connection's state, the message handlers, and the server loop.
+//! One connection's backend state and the handlers of the frontend's messages
+//! (`dispatch.rs` decodes them; `server.rs` runs the connection).
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
-use std::os::unix::net::{UnixListener, UnixStream};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
@@ -18,49 +19,27 @@ use vireo_memory::Mapping;
 use vireo_memory::{GuestMemory, GuestPhysAddr, IotlbEntry, Perm, RegionSpec, RetireMode, UserAddr, MAX_REGIONS};
 use vireo_queue::{packed_region_size, split_region_size, InflightRegion, Queue, QueueConfig, RingAddrs};
 
-use crate::channel::{BackendChannel, LogKick};
-use crate::device::Device;
-use crate::dispatch;
-use crate::state::Transfer;
+use crate::channel::BackendChannel;
+use crate::device::{Device, DeviceRequest};
+use crate::device_state::Transfer;
+use crate::notify::{adopt_eventfd, LogKick};
 use crate::worker::{QueueStart, WorkerPool};
+use vireo_wire::features::{
+    ACCESS_PLATFORM as VIRTIO_F_ACCESS_PLATFORM, EVENT_IDX as VIRTIO_RING_F_EVENT_IDX, LOG_ALL as VHOST_F_LOG_ALL,
+    PROTOCOL_FEATURES as VHOST_USER_F_PROTOCOL_FEATURES, RING_PACKED as VIRTIO_F_RING_PACKED,
+};
+use vireo_wire::iotlb::{INVALIDATE as IOTLB_INVALIDATE, UPDATE as IOTLB_UPDATE};
 
 type Result<T> = std::result::Result<T, VuError>;
-
-// Feature bit numbers from virtio-bindings, the vhost ones from the vhost crate.
-const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-const VHOST_F_LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
-/// `struct vhost_iotlb_msg` types the frontend sends.
-const IOTLB_UPDATE: u8 = 2;
-const IOTLB_INVALIDATE: u8 = 3;
 // A small constant (0x40) the bindings type as u32.
 #[allow(clippy::cast_possible_truncation)]
 const NEEDS_RESET: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
-
-/// Errors of the server loop.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The socket could not be set up.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 #[derive(Default)]
 struct Ring {
     size: u16,
     /// Frontend user addresses from SET_VRING_ADDR: descriptor, used, available.
     addrs: Option<(u64, u64, u64)>,
-    log_addr: Option<u64>,
     base: u32,
     kick: Option<File>,
     call: Option<File>,
@@ -116,25 +95,13 @@ fn invalid(what: &'static str) -> VuError {
 }
 
 impl VhostUserBackend {
-    /// Backend state for a new connection to `device`; with `poll`, queue workers busy-poll.
-    /// One worker thread per queue.
-    pub fn new(device: Arc<dyn Device>, poll: bool) -> Self {
-        let threads = device.num_queues();
-        Self::with_threads(device, poll, threads)
-    }
-
-    /// As [`VhostUserBackend::new`], with at most `threads` worker threads (queue `i` is served
-    /// by thread `i % threads`).
-    pub fn with_threads(device: Arc<dyn Device>, poll: bool, threads: usize) -> Self {
-        let features = device.features()
-            | VIRTIO_F_VERSION_1
-            | VIRTIO_F_RING_PACKED
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_F_ACCESS_PLATFORM
-            | VHOST_USER_F_PROTOCOL_FEATURES
-            | VHOST_F_LOG_ALL;
+    /// Backend state for a new connection to `device`: with `poll`, queue workers busy-poll; at
+    /// most `threads` worker threads (queue group `g` on thread `g % threads`), which poll for
+    /// up to `poll_max` after work before they sleep.
+    pub fn new(device: Arc<dyn Device>, poll: bool, threads: usize, poll_max: Duration) -> Self {
+        let features = device.features() | vireo_wire::features::TRANSPORT;
         let rings = (0..device.num_queues()).map(|_| Ring::default()).collect();
+        let group_size = device.group_size();
         Self {
             device,
             memory: GuestMemory::new(RetireMode::from_env()),
@@ -144,7 +111,7 @@ impl VhostUserBackend {
             rings,
             region_files: Vec::new(),
             poll,
-            workers: WorkerPool::new(threads, crate::worker::SPIN_MAX),
+            workers: WorkerPool::new(threads, group_size, poll_max),
             inflight: None,
             status: 0,
             channel: Arc::new(BackendChannel::new()),
@@ -153,13 +120,6 @@ impl VhostUserBackend {
             iotlb_invalidations: 0,
             transfer: None,
         }
-    }
-
-    /// How long worker threads keep polling their rings after work before they sleep (QEMU's
-    /// iothread `poll-max-ns`; 32 µs by default, zero to sleep at once). Takes effect for
-    /// threads not started yet: call before any ring starts.
-    pub fn set_poll_max(&mut self, window: std::time::Duration) {
-        self.workers = WorkerPool::new(self.workers.max_threads(), window);
     }
 
     /// Whether the driver's addresses go through an IOTLB (VIRTIO_F_ACCESS_PLATFORM).
@@ -198,15 +158,47 @@ impl VhostUserBackend {
     }
 
     /// SET_LOG_FD: an eventfd kicked whenever a queue has set bits in the dirty log.
-    pub fn set_log_fd(&mut self, fd: File) {
+    pub fn set_log_fd(&mut self, fd: File) -> Result<()> {
+        adopt_eventfd(&fd).map_err(|e| {
+            tracing::warn!(error = %e, "SET_LOG_FD refused");
+            VuError::InvalidParam
+        })?;
         tracing::debug!("dirty log eventfd set");
         self.log_kick.set(Some(fd));
+        Ok(())
+    }
+
+    /// A request for the device itself (SEND_RARP, NET_SET_MTU), when it offers the protocol
+    /// feature that carries it.
+    pub fn device_request(&mut self, request: DeviceRequest) -> Result<()> {
+        let needs = match request {
+            DeviceRequest::SendRarp(_) => VhostUserProtocolFeatures::RARP,
+            DeviceRequest::SetMtu(_) => VhostUserProtocolFeatures::MTU,
+        };
+        if self.protocol_features & needs.bits() == 0 {
+            return Err(invalid("device request whose protocol feature was not negotiated"));
+        }
+        self.device.request(request).map_err(|why| {
+            tracing::warn!(?request, why, "device request refused");
+            VuError::InvalidParam
+        })
     }
 
     /// SET_BACKEND_REQ_FD.
     pub fn set_backend_req_fd(&mut self, sock: UnixStream) {
         tracing::debug!("backend channel set");
         self.channel.set(Some(sock));
+    }
+
+    /// Checks a kick, call or err descriptor (an eventfd, made non-blocking) before it is kept.
+    fn adopt(fd: Option<&File>, what: &'static str) -> Result<()> {
+        match fd.map(adopt_eventfd) {
+            Some(Err(e)) => {
+                tracing::warn!(what, error = %e, "vring descriptor refused");
+                Err(VuError::InvalidParam)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn ring(&mut self, index: u32) -> Result<&mut Ring> {
@@ -251,14 +243,9 @@ impl VhostUserBackend {
         } else {
             RingAddrs::Split { desc: gpa(desc)?, avail: gpa(avail)?, used: gpa(used)? }
         };
-        let cfg = QueueConfig {
-            size: r.size,
-            addrs,
-            event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
-            // Behind a vIOMMU the ring's own IOVA is logged through the IOTLB, as the kernel's
-            // vhost does; log_guest_addr would be an IOVA too.
-            ring_log_addr: r.log_addr.filter(|_| !iotlb).map(GuestPhysAddr::new),
-        };
+        // Ring writes are logged at the guest physical pages they land on (`vireo-queue`), not
+        // at the frontend's `log_guest_addr`, which for a packed ring names the device area.
+        let cfg = QueueConfig { size: r.size, addrs, event_idx: self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0 };
         let mut queue = Queue::new(self.memory.register_queue(), cfg).map_err(|e| {
             tracing::warn!(queue = index, error = %e, "ring refused");
             VuError::InvalidParam
@@ -292,6 +279,7 @@ impl VhostUserBackend {
             kick,
             call,
             device: self.device.clone(),
+            features: self.acked_features,
             poll: self.poll,
             broken,
             channel: self.channel.clone(),
@@ -460,7 +448,10 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         self.stop(index as usize);
         let r = self.ring(index)?;
         r.addrs = Some((descriptor, used, available));
-        r.log_addr = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG).then_some(log);
+        // VHOST_VRING_F_LOG and `log` (log_guest_addr) are not needed: every ring write is logged
+        // at the page it lands on, which the backend knows better than this address (for a
+        // packed ring QEMU names the device area here).
+        let _ = (flags, log);
         if running {
             // Carry on from where the stopped worker was.
             if let Some(q) = r.stopped.take() {
@@ -496,6 +487,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         self.ring(u32::from(index))?;
+        Self::adopt(fd.as_ref(), "kick")?;
         let running = self.rings[usize::from(index)].running;
         self.stop(usize::from(index));
         let r = &mut self.rings[usize::from(index)];
@@ -512,6 +504,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let running = self.ring(u32::from(index))?.running;
+        Self::adopt(fd.as_ref(), "call")?;
         self.stop(usize::from(index));
         let r = self.ring(u32::from(index))?;
         r.call = fd;
@@ -524,24 +517,21 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> Result<()> {
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         self.ring(u32::from(index))?;
-        Ok(())
+        // Not signalled (a broken queue is reported through NEEDS_RESET), but checked like the
+        // others: what a frontend hands over is either an eventfd or refused.
+        Self::adopt(fd.as_ref(), "err")
     }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::STATUS
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::DEVICE_STATE)
+        Ok(self.device.protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.device.protocol_features().bits() != 0 {
+            return Err(invalid("protocol features not offered"));
+        }
         self.protocol_features = features;
         Ok(())
     }
@@ -702,210 +692,5 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             tracing::warn!(error = %e, "dirty log refused");
             VuError::InvalidParam
         })
-    }
-}
-
-/// How [`serve_opts`] serves a device.
-#[derive(Clone, Debug, Default)]
-pub struct ServeOptions {
-    /// Busy-poll every started queue instead of waiting for kicks.
-    pub poll: bool,
-    /// Worker threads per connection (queue `i` on thread `i % threads`); `None`: one per queue.
-    pub threads: Option<usize>,
-    /// Connect to the frontend's socket instead of listening (QEMU's `server=on` chardev), and
-    /// connect again, with backoff, whenever the connection ends.
-    pub client: bool,
-    /// How long a worker polls after work before it sleeps; `None`: 32 µs.
-    pub poll_max: Option<std::time::Duration>,
-}
-
-/// Serves `device` on the Unix socket at `path`, one frontend at a time, until `stop` says so
-/// (checked between connections and while waiting). Removes the socket at the end.
-pub fn serve(
-    path: &Path,
-    device: Arc<dyn Device>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> std::result::Result<(), ServeError> {
-    serve_opts(path, device, stop, &ServeOptions::default())
-}
-
-/// As [`serve`]; with `poll`, every started queue gets a busy-polling worker.
-pub fn serve_with(
-    path: &Path,
-    device: Arc<dyn Device>,
-    stop: &std::sync::atomic::AtomicBool,
-    poll: bool,
-) -> std::result::Result<(), ServeError> {
-    serve_opts(path, device, stop, &ServeOptions { poll, ..ServeOptions::default() })
-}
-
-/// Waits up to 200 ms for `fd` to become readable (or hung up); says whether it did.
-fn wait_readable(fd: std::os::fd::RawFd) -> bool {
-    // SAFETY: the caller keeps `fd` open for the duration of this call; it is only polled.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
-    let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
-    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
-}
-
-/// Serves one connection until the frontend goes away or `stop` is set; then stops every
-/// queue and releases the connection's memory.
-/// Returns true when the connection ended on a protocol or socket error (not a disconnect).
-fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &std::sync::atomic::AtomicBool) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    tracing::info!("frontend connected");
-    // A message is read whole once its header arrived; a frontend that stalls half-way through
-    // one must not hold the connection's thread (and `stop`) for ever.
-    if let Err(e) = sock.set_read_timeout(Some(std::time::Duration::from_secs(10))) {
-        tracing::warn!(error = %e, "cannot set a read timeout");
-    }
-    let mut failed = false;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
-    while !stop.load(Relaxed) {
-        // Look at `stop` at least every 200 ms, also while a frontend is connected.
-        if !wait_readable(fd) {
-            continue;
-        }
-        let msg = match dispatch::recv_message(sock) {
-            Ok(Some(m)) => m,
-            Ok(None) | Err(dispatch::ProtocolError::Disconnected) => {
-                tracing::info!("frontend disconnected");
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping the connection");
-                failed = true;
-                break;
-            }
-        };
-        let code = msg.code;
-        match dispatch::handle_message(&mut backend, msg) {
-            Ok(Some(reply)) => {
-                if let Err(e) = dispatch::send_reply(sock, code, &reply) {
-                    tracing::warn!(error = %e, "reply failed; dropping the connection");
-                    failed = true;
-                    break;
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping the connection");
-                failed = true;
-                break;
-            }
-        }
-    }
-    backend.shutdown();
-    failed
-}
-
-fn new_backend(device: &Arc<dyn Device>, opts: &ServeOptions) -> VhostUserBackend {
-    let threads = opts.threads.unwrap_or_else(|| device.num_queues());
-    let mut backend = VhostUserBackend::with_threads(device.clone(), opts.poll, threads);
-    if let Some(window) = opts.poll_max {
-        backend.set_poll_max(window);
-    }
-    backend
-}
-
-/// Serves one already connected frontend on `sock` until it goes away or `stop` is set (what
-/// the server loops do per connection; also the entry point of the message fuzzer).
-pub fn serve_stream(
-    sock: UnixStream,
-    device: Arc<dyn Device>,
-    stop: &std::sync::atomic::AtomicBool,
-    opts: &ServeOptions,
-) {
-    let backend = new_backend(&device, opts);
-    serve_connection(&sock, backend, stop);
-}
-
-/// Serves `device` at `path` as `opts` says: listening (the default), or connecting to the
-/// frontend (`client`), until `stop` is set.
-pub fn serve_opts(
-    path: &Path,
-    device: Arc<dyn Device>,
-    stop: &std::sync::atomic::AtomicBool,
-    opts: &ServeOptions,
-) -> std::result::Result<(), ServeError> {
-    if opts.client {
-        serve_client(path, &device, stop, opts);
-        return Ok(());
-    }
-    let listen_err = |e: std::io::Error| ServeError::Listen { path: path.display().to_string(), source: e };
-    // A stale socket file (a killed predecessor) is replaced; the caller checks that no live
-    // backend answers on it first.
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    tracing::info!(socket = %path.display(), "listening");
-    let served = serve_listener(&listener, device, stop, opts).map_err(listen_err);
-    let _ = std::fs::remove_file(path);
-    served
-}
-
-/// Serves `device` on a listening socket someone else made (vhost-user's `--fd`: a management
-/// layer bound it and passed it down), one frontend at a time, until `stop` is set.
-pub fn serve_listener(
-    listener: &UnixListener,
-    device: Arc<dyn Device>,
-    stop: &std::sync::atomic::AtomicBool,
-    opts: &ServeOptions,
-) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
-    listener.set_nonblocking(true)?;
-    let listen_fd = std::os::fd::AsRawFd::as_raw_fd(listener);
-    while !stop.load(Relaxed) {
-        match listener.accept() {
-            Ok((sock, _)) => {
-                if let Err(e) = sock.set_nonblocking(false) {
-                    tracing::warn!(error = %e, "cannot use the connection");
-                    continue;
-                }
-                let _ = serve_connection(&sock, new_backend(&device, opts), stop);
-            }
-            // Wake for a connection at once, and at least every 200 ms to look at `stop`.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_readable(listen_fd);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Client mode: connect to the frontend's socket; when the connection ends (or cannot be made),
-/// try again after a delay that doubles from 50 ms up to 2 s, until `stop`.
-fn serve_client(path: &Path, device: &Arc<dyn Device>, stop: &std::sync::atomic::AtomicBool, opts: &ServeOptions) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut delay = std::time::Duration::from_millis(50);
-    let mut announced = false;
-    while !stop.load(Relaxed) {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(sock) => {
-                announced = false;
-                if serve_connection(&sock, new_backend(device, opts), stop) {
-                    // Refused by us or broken: wait before trying again, or a frontend that
-                    // keeps sending what we refuse would spin this loop.
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                } else {
-                    delay = std::time::Duration::from_millis(50);
-                }
-            }
-            Err(e) => {
-                if !announced {
-                    tracing::info!(socket = %path.display(), error = %e, "waiting for the frontend's socket");
-                    announced = true;
-                }
-                let until = std::time::Instant::now() + delay;
-                while std::time::Instant::now() < until && !stop.load(Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
-            }
-        }
     }
 }

@@ -11,15 +11,8 @@ use std::sync::Mutex;
 
 use vireo_memory::Perm;
 
-/// Backend request codes (vhost-user's VHOST_USER_BACKEND_*).
-const BACKEND_IOTLB_MSG: u32 = 1;
-/// Header flags: protocol version 1, no reply wanted.
-const FLAG_VERSION: u32 = 0x1;
-/// `struct vhost_iotlb_msg` type field: a miss, an access failure.
-const IOTLB_MISS: u8 = 1;
-const IOTLB_ACCESS_FAIL: u8 = 4;
-/// `struct vhost_iotlb_msg` is 26 bytes of fields, padded to 32 by its alignment.
-const IOTLB_MSG_SIZE: usize = 32;
+use vireo_wire::iotlb::{ACCESS_FAIL as IOTLB_ACCESS_FAIL, BACKEND_IOTLB_MSG, MISS as IOTLB_MISS};
+use vireo_wire::{Header, IotlbMsg};
 
 /// Why a backend request was not sent.
 #[derive(Debug, thiserror::Error)]
@@ -35,35 +28,9 @@ pub enum ChannelError {
     Io(#[from] std::io::Error),
 }
 
-/// SET_LOG_FD's eventfd: kicked after a queue has set bits in the dirty log (a frontend that
-/// asks for it syncs the log when kicked).
-#[derive(Debug, Default)]
-pub struct LogKick {
-    fd: Mutex<Option<std::fs::File>>,
-}
-
-impl LogKick {
-    /// The eventfd to kick (replacing any earlier one), or none.
-    pub fn set(&self, fd: Option<std::fs::File>) {
-        *self.fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
-    }
-
-    /// Signals the eventfd, if there is one (never blocks: an eventfd write only fails when the
-    /// counter would overflow, and then the frontend has a kick to read anyway).
-    pub fn kick(&self) {
-        if let Some(f) = self.fd.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = rustix::io::write(f, &1u64.to_ne_bytes());
-        }
-    }
-}
-
-/// A `struct vhost_iotlb_msg` from the backend: size (8..16) and uaddr (16..24) unused.
-fn iotlb_payload(iova: u64, perm: Perm, kind: u8) -> [u8; IOTLB_MSG_SIZE] {
-    let mut payload = [0u8; IOTLB_MSG_SIZE];
-    payload[0..8].copy_from_slice(&iova.to_le_bytes());
-    payload[24] = perm.bits();
-    payload[25] = kind;
-    payload
+/// A `struct vhost_iotlb_msg` from the backend: size and uaddr unused.
+fn iotlb_payload(iova: u64, perm: Perm, kind: u8) -> [u8; vireo_wire::iotlb::SIZE] {
+    IotlbMsg { iova, size: 0, uaddr: 0, perm: perm.bits(), kind }.encode()
 }
 
 /// One connection's backend channel, shared by the control thread and the workers.
@@ -105,11 +72,9 @@ impl BackendChannel {
     fn send(&self, code: u32, payload: &[u8]) -> Result<(), ChannelError> {
         let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
         let sock = guard.as_ref().ok_or(ChannelError::NotConnected)?;
-        let mut msg = Vec::with_capacity(12 + payload.len());
-        msg.extend_from_slice(&code.to_le_bytes());
-        msg.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-        // Payloads here are at most 32 bytes.
-        msg.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+        // Payloads here are at most 32 bytes; no reply is wanted.
+        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let mut msg = Header::request(code, 0, size).encode().to_vec();
         msg.extend_from_slice(payload);
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
         match rustix::net::send(sock, &msg, flags) {

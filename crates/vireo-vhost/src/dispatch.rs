@@ -28,21 +28,19 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::backend::VhostUserBackend;
 
-const HEADER: usize = 12;
+use vireo_wire::header::{NEED_REPLY as FLAG_NEED_REPLY, SIZE as HEADER};
+use vireo_wire::Header;
+
 /// The largest payload any request Vireo handles carries (SET_MEM_TABLE with 8 regions is 264
 /// bytes, GET/SET_CONFIG at most 12 + 256); anything larger is a broken frontend.
 const MAX_PAYLOAD: usize = 4096;
 /// At most this many descriptors come with one message (SET_MEM_TABLE's 8 regions).
 const MAX_FDS: usize = 8;
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
 /// SET_VRING_KICK/CALL/ERR: bits 0-7 the queue, bit 8 "no file descriptor".
 const VRING_INDEX_MASK: u64 = 0xff;
 const VRING_NOFD: u64 = 0x100;
 const MEMORY_REGIONS_MAX: usize = 8;
 const CONFIG_MAX: usize = 256;
-const IOTLB_MSG_SIZE: usize = 32;
 /// SET_DEVICE_STATE_FD's reply: bit 8 says no descriptor is returned.
 const NO_FD: u64 = 0x100;
 
@@ -111,11 +109,11 @@ pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, ProtocolError>
     if n < HEADER {
         read_exact(sock, &mut hdr[n..])?;
     }
-    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
-    let (code, flags, size) = (word(0), word(4), word(8));
-    if flags & 0x3 != FLAG_VERSION || flags & FLAG_REPLY != 0 {
+    let h = Header::decode(&hdr);
+    if !h.is_request() {
         return Err(ProtocolError::Header("version must be 1 and the reply flag clear"));
     }
+    let (code, flags, size) = (h.code, h.flags, h.size);
     let size = usize::try_from(size).map_err(|_| ProtocolError::Header("size"))?;
     if size > MAX_PAYLOAD {
         return Err(ProtocolError::Header("payload larger than any request"));
@@ -135,10 +133,7 @@ fn read_exact(mut sock: &UnixStream, buf: &mut [u8]) -> Result<(), ProtocolError
 /// Sends `reply` to request `code`.
 pub fn send_reply(sock: &UnixStream, code: u32, reply: &Reply) -> Result<(), ProtocolError> {
     let size = u32::try_from(reply.payload.len()).map_err(|_| ProtocolError::Header("reply size"))?;
-    let mut hdr = [0u8; HEADER];
-    hdr[0..4].copy_from_slice(&code.to_le_bytes());
-    hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-    hdr[8..12].copy_from_slice(&size.to_le_bytes());
+    let hdr = Header::reply(code, size).encode();
     let fds: Vec<RawFd> = reply.files.iter().map(AsRawFd::as_raw_fd).collect();
     let bufs = [IoSlice::new(&hdr), IoSlice::new(&reply.payload)];
     let total = HEADER + reply.payload.len();
@@ -426,10 +421,9 @@ fn dispatch(b: &mut VhostUserBackend, msg: &mut Message) -> Result<Option<Reply>
         want_size(msg, 0)?;
         return Ok(Some(Reply::u64(b.status())));
     } else if is(R::IOTLB_MSG) {
-        // struct vhost_iotlb_msg: iova, size, uaddr (u64 each), perm, type (u8 each), padded
-        // to 32 bytes by its alignment.
-        want_size(msg, IOTLB_MSG_SIZE)?;
-        b.iotlb_msg(u64_at(p, 0), u64_at(p, 8), u64_at(p, 16), p[24], p[25])?;
+        want_size(msg, vireo_wire::iotlb::SIZE)?;
+        let m = vireo_wire::IotlbMsg::decode(p).ok_or_else(|| refuse("IOTLB message"))?;
+        b.iotlb_msg(m.iova, m.size, m.uaddr, m.perm, m.kind)?;
         // The spec wants the status word whether or not NEED_REPLY was set.
         return Ok(Some(Reply::u64(0)));
     } else if is(R::SET_DEVICE_STATE_FD) {
@@ -451,14 +445,24 @@ fn dispatch(b: &mut VhostUserBackend, msg: &mut Message) -> Result<Option<Reply>
     } else if is(R::SET_LOG_FD) {
         want_size(msg, 0)?;
         let file = one_file(msg)?;
-        b.set_log_fd(file);
+        b.set_log_fd(file)?;
     } else if is(R::SET_BACKEND_REQ_FD) {
         want_size(msg, 0)?;
         let file = one_file(msg)?;
         b.set_backend_req_fd(UnixStream::from(std::os::fd::OwnedFd::from(file)));
+    } else if is(R::SEND_RARP) {
+        // The MAC in the first 6 bytes of a u64.
+        want_size(msg, 8)?;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&p[..6]);
+        b.device_request(crate::DeviceRequest::SendRarp(mac))?;
+    } else if is(R::NET_SET_MTU) {
+        want_size(msg, 8)?;
+        let mtu = u16::try_from(u64_at(p, 0)).map_err(|_| refuse("MTU beyond 65535"))?;
+        b.device_request(crate::DeviceRequest::SetMtu(mtu))?;
     } else {
-        // SEND_RARP, NET_SET_MTU, postcopy, GPU, shared objects: not offered, so a conforming
-        // frontend does not send them.
+        // Postcopy, GPU, shared objects: not offered, so a conforming frontend does not send
+        // them.
         return Err(Refusal(format!("request {code} is not supported")));
     }
     Ok(None)

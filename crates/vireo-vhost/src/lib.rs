@@ -20,13 +20,20 @@
 
 mod backend;
 pub mod channel;
-mod device;
+pub mod device;
+mod device_state;
 pub mod dispatch;
-mod state;
+mod notify;
+mod ring;
+mod server;
 mod worker;
 
-pub use backend::{
-    serve, serve_listener, serve_opts, serve_stream, serve_with, ServeError, ServeOptions, VhostUserBackend,
-};
+pub use backend::VhostUserBackend;
 pub use channel::{BackendChannel, ChannelError};
-pub use device::{Device, Engine};
+pub use device::{
+    publish, Call, Device, DeviceRequest, Events, Interest, Progress, QueueHandler, Queues, Ring, ServeResult,
+    DEFAULT_PROTOCOL_FEATURES,
+};
+pub use notify::{adopt_eventfd, EventNotifier, FdError, LogKick};
+pub use server::{serve, Endpoint, ServeError, ServeOptions};
+pub use worker::DEFAULT_POLL_MAX;

@@ -1,27 +1,32 @@
-//! Worker threads. A connection has a pool of them (`--threads`, one per queue by default); each
-//! serves a set of queues from one poll loop over their kick eventfds and their engines'
-//! completion fds, processes the rings in batches, and signals the call eventfds. A queue
-//! without a kick fd (the frontend's "no fd" case) or in `--poll` mode is busy-polled instead.
+//! Worker threads. A connection has a pool of them (`--threads`, one per queue group by default);
+//! each serves a set of groups from one `poll` loop over their queues' kick eventfds and the
+//! descriptors their handlers declare, and drives the handlers (`device.rs` has the contract).
 //!
-//! A thread owns the `Queue`s it serves. Starting a queue hands it over through the thread's
-//! command channel; stopping one asks for it back, and the thread first completes every request
-//! of it in flight, so that GET_VRING_BASE reads a position with nothing outstanding. Nothing
-//! here waits on the frontend, and the control thread waits only for a reply the worker gives
-//! without needing anything the control thread holds.
+//! A thread owns the queues it serves. Starting a queue hands it over through the thread's
+//! command channel; stopping one asks for it back, and the thread first has the handler complete
+//! everything of it in flight, so that GET_VRING_BASE reads a position with nothing outstanding.
+//! Nothing here waits on the frontend, and the control thread waits only for a reply the worker
+//! gives without needing anything the control thread holds.
+//!
+//! After work a thread keeps polling for up to `poll_max` (`--poll-max-ns`) before it sleeps in
+//! `poll(2)`, as QEMU's iothreads do: a request that arrives, or an I/O that completes, within it
+//! costs no wake-up.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use vireo_memory::Perm;
-use vireo_queue::{Queue, QueueBatch, QueueError, UsedToken};
+use vireo_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::channel::{BackendChannel, LogKick};
-use crate::device::{Device, Engine};
+use crate::channel::BackendChannel;
+use crate::device::{Device, Events, Progress, QueueHandler, Queues};
+use crate::notify::{drain, LogKick};
+use crate::ring::Ring;
 
 /// What the control side hands a worker thread to start a queue.
 pub(crate) struct QueueStart {
@@ -31,10 +36,12 @@ pub(crate) struct QueueStart {
     pub kick: Option<File>,
     pub call: Option<File>,
     pub device: Arc<dyn Device>,
+    /// The virtio features the driver acknowledged (for the handler).
+    pub features: u64,
     /// Busy-poll this ring instead of waiting for kicks.
     pub poll: bool,
-    /// Set when the driver breaks the queue.
-    pub broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the queue breaks.
+    pub broken: Arc<AtomicBool>,
     /// Where IOTLB misses go.
     pub channel: Arc<BackendChannel>,
     /// SET_LOG_FD's eventfd.
@@ -51,46 +58,54 @@ struct PoolThread {
     wake: EventFd,
     /// Set before a command is sent: the thread's busy loops look at it and return to the main
     /// loop, so that a stop never waits behind a queue that keeps having work.
-    pending: Arc<std::sync::atomic::AtomicBool>,
+    pending: Arc<AtomicBool>,
     commands: mpsc::Sender<Command>,
     handle: Option<JoinHandle<()>>,
 }
+
+/// The longest a worker keeps polling its rings and handlers after work before it sleeps in
+/// `poll(2)` (`--poll-max-ns`), as QEMU's iothreads do (`poll-max-ns`, 32 µs there). Vireo's
+/// workers yield the core while they spin idle, so a longer window costs the other threads
+/// little, and it covers the time a driver takes to consume a deep queue's completions and refill
+/// it (A/B runs in BENCHMARKS.md: at depth 128 on one queue, 100 µs gave about twice the IOPS of
+/// 32 µs).
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(100);
 
 /// A connection's worker threads.
 pub(crate) struct WorkerPool {
     threads: Vec<PoolThread>,
     /// How many threads to use at most.
     max_threads: usize,
-    /// The longest a thread polls after work before it sleeps (`--poll-max-ns`).
-    spin_max: std::time::Duration,
+    /// Queues per group (a group is served by one thread).
+    group_size: usize,
+    /// The longest a thread polls after work before it sleeps.
+    poll_max: Duration,
 }
 
 impl WorkerPool {
-    /// A pool of at most `max_threads` threads (created when first needed).
-    pub fn new(max_threads: usize, spin_max: std::time::Duration) -> Self {
-        Self { threads: Vec::new(), max_threads: max_threads.max(1), spin_max }
-    }
-
-    /// The most threads the pool makes.
-    pub fn max_threads(&self) -> usize {
-        self.max_threads
+    /// A pool of at most `max_threads` threads (created when first needed), serving groups of
+    /// `group_size` queues.
+    pub fn new(max_threads: usize, group_size: usize, poll_max: Duration) -> Self {
+        Self { threads: Vec::new(), max_threads: max_threads.max(1), group_size: group_size.max(1), poll_max }
     }
 
     fn thread_for(&mut self, index: usize) -> std::io::Result<&PoolThread> {
-        let t = index % self.max_threads;
+        let t = (index / self.group_size) % self.max_threads;
         while self.threads.len() <= t {
             let n = self.threads.len();
             let wake = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
             let wake2 = wake.try_clone()?;
             let (tx, rx) = mpsc::channel();
-            let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let pending = Arc::new(AtomicBool::new(false));
             let thread = WorkerThread {
                 wake: wake2,
                 pending: pending.clone(),
                 commands: rx,
-                queues: Vec::new(),
-                spin: self.spin_max,
-                spin_max: self.spin_max,
+                groups: Vec::new(),
+                group_size: self.group_size,
+                spin: self.poll_max,
+                poll_max: self.poll_max,
+                events: Events::new(false),
             };
             let handle = std::thread::Builder::new().name(format!("vireo-worker-{n}")).spawn(move || thread.run())?;
             self.threads.push(PoolThread { wake, pending, commands: tx, handle: Some(handle) });
@@ -98,10 +113,10 @@ impl WorkerPool {
         Ok(&self.threads[t])
     }
 
-    /// Hands a queue to its thread (queue `i` goes to thread `i % threads`).
+    /// Hands a queue to its thread (group `g` goes to thread `g % threads`).
     pub fn start(&mut self, start: QueueStart) -> std::io::Result<()> {
         let t = self.thread_for(start.index)?;
-        t.pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.pending.store(true, Ordering::SeqCst);
         t.commands.send(Command::Start(Box::new(start))).map_err(|_| std::io::Error::other("worker thread gone"))?;
         t.wake.write(1)
     }
@@ -115,9 +130,9 @@ impl WorkerPool {
 
     /// Takes queue `index` back from its thread, with nothing of it in flight.
     pub fn stop(&mut self, index: usize) -> Option<Queue> {
-        let t = self.threads.get(index % self.max_threads)?;
+        let t = self.threads.get((index / self.group_size) % self.max_threads)?;
         let (tx, rx) = mpsc::sync_channel(1);
-        t.pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.pending.store(true, Ordering::SeqCst);
         t.commands.send(Command::Stop(index, tx)).ok()?;
         t.wake.write(1).ok()?;
         rx.recv().ok().flatten()
@@ -127,7 +142,7 @@ impl WorkerPool {
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         for t in &mut self.threads {
-            // Closing the channel ends the thread once it has drained its queues.
+            // Closing the channel ends the thread once it has stopped its queues.
             let (dead, _) = mpsc::channel();
             t.commands = dead;
             let _ = t.wake.write(1);
@@ -138,377 +153,102 @@ impl Drop for WorkerPool {
     }
 }
 
-/// A queue waiting for an IOTLB entry. It is not processed (nothing of the chain that missed
-/// was consumed; it is walked again from the start) until the IOTLB generation moves past
-/// `generation`, read before the batch that missed, so an update that raced with the miss is
-/// never waited for.
-struct Parked {
-    generation: u64,
-    iova: u64,
-    perm: Perm,
-    asked: std::time::Instant,
-}
-
-/// How many chains a pass pops and completes between two publications of the used index. One:
-/// the driver sees each completion at once. A publication costs a full fence and a read of the
-/// driver's event index, but sharing one among several chains cost more than it saved on a
-/// null device (interleaved runs at depth 32: 2.9-3.2 M IOPS publishing every 4 chains,
-/// 1.1-1.2 M every 16, 3.6-3.7 M after each; BENCHMARKS.md).
-const PUBLISH_EVERY: usize = 1;
-
-/// How long a parked queue waits before it asks again (the frontend may have dropped the miss,
-/// or found no mapping: a guest that made an unmapped IOVA available waits here for ever, as
-/// it would with the kernel's vhost, without holding anything up).
-const MISS_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// One queue served by a worker thread.
-struct Served {
-    index: usize,
-    /// Declared (so dropped) before `queue`: an engine dropped with I/O in flight waits for the
-    /// kernel while the queue's memory registration still holds the regions off retirement.
-    engine: Option<Box<dyn Engine>>,
-    queue: Queue,
-    kick: Option<File>,
-    call: Option<File>,
-    device: Arc<dyn Device>,
-    poll: bool,
-    broken: bool,
-    broken_flag: Arc<std::sync::atomic::AtomicBool>,
-    done: Vec<(UsedToken, u32)>,
-    /// Completions reaped while parked, added to the used ring once the queue runs again.
-    stash: Vec<(UsedToken, u32)>,
-    /// A reap while parked found a write the dirty log could not record: the queue breaks once
-    /// the stash is in the ring.
-    stash_error: Option<QueueError>,
-    /// Waiting for the frontend to answer an IOTLB miss.
-    parked: Option<Parked>,
-    channel: Arc<BackendChannel>,
-    log_kick: Arc<LogKick>,
+/// One group served by a worker thread.
+struct Group {
+    id: usize,
+    rings: Vec<Option<Ring>>,
+    /// Made when the group's first queue starts, dropped when its last one stops.
+    handler: Option<Box<dyn QueueHandler>>,
+    /// The handler asked to run again without an event.
+    again: bool,
+    /// Runs in a row that did no work (busy-polled groups yield their core after many).
     idle: u32,
-    /// The last `run` stopped with work left (see `MAX_PASSES`), or the engine could not submit.
-    backlog: bool,
 }
 
-impl Served {
-    fn new(s: QueueStart) -> Self {
-        let engine = match s.device.engine(s.index) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(queue = s.index, error = %e, "no I/O engine; requests are handled synchronously");
-                None
-            }
-        };
-        let poll = s.poll || s.kick.is_none();
-        Self {
-            index: s.index,
-            queue: s.queue,
-            kick: s.kick,
-            call: s.call,
-            device: s.device,
-            engine,
-            poll,
-            broken: false,
-            broken_flag: s.broken,
-            done: Vec::new(),
-            stash: Vec::new(),
-            stash_error: None,
-            parked: None,
-            channel: s.channel,
-            log_kick: s.log_kick,
-            idle: 0,
-            backlog: false,
-        }
+impl Group {
+    fn runs(&self) -> impl Iterator<Item = &Ring> {
+        self.rings.iter().flatten()
     }
 
-    /// One pass over the ring: completions first, then every available chain. Returns how many
-    /// chains were popped.
-    #[allow(clippy::too_many_arguments)]
-    fn pass(
-        index: usize,
-        call: Option<&File>,
-        device: &dyn Device,
-        engine: &mut Option<Box<dyn Engine>>,
-        done: &mut Vec<(UsedToken, u32)>,
-        stash: &mut Vec<(UsedToken, u32)>,
-        qb: &mut QueueBatch<'_, '_>,
-    ) -> Result<u32, QueueError> {
-        let mem = qb.memory();
-        qb.add_used_many(stash.drain(..))?;
-        if let Some(engine) = engine.as_mut() {
-            done.clear();
-            let reaped = engine.reap(mem, done);
-            qb.add_used_many(done.iter().copied())?;
-            // A write the log could not record: the rest are published, the queue breaks.
-            reaped?;
-        }
-        // Completions go out as soon as they are made, not at the end of the pass: a driver
-        // that is running sees them while the device works on what follows, so the two sides
-        // overlap instead of taking turns (EVENT_IDX keeps this from costing interrupts: one
-        // is sent only when the driver has asked for one since the last).
-        if qb.publish()? {
-            signal(call);
-        }
-        // Chains are popped, handled and completed by `pop_each` (the cached walker, and the
-        // used element written in the same loop), and what completed is published after every
-        // `PUBLISH_EVERY`: a running driver sees completions while the device works on what
-        // follows, so the two sides overlap instead of taking turns (EVENT_IDX keeps this from
-        // costing interrupts: one is sent only when the driver has asked for one since).
-        let mut n = 0u32;
-        let popped = loop {
-            let got = qb.pop_each(PUBLISH_EVERY, |chain| match engine.as_mut() {
-                Some(engine) => engine.start(chain, mem, chain.token()),
-                None => Some(device.handle(index, chain, mem)),
-            });
-            match got {
-                // An IOTLB miss (or a broken queue): what was started still goes to the kernel.
-                Err(e) => break Err(e),
-                Ok(k) => {
-                    // k <= PUBLISH_EVERY, which fits u32.
-                    n += u32::try_from(k).unwrap_or(u32::MAX);
-                    if qb.publish()? {
-                        signal(call);
-                    }
-                    if k < PUBLISH_EVERY {
-                        break Ok(n);
-                    }
-                }
-            }
-        };
-        if let Some(engine) = engine.as_mut() {
-            if let Err(e) = engine.submit() {
-                tracing::error!(queue = index, error = %e, "I/O submission failed");
-            }
-        }
-        popped
+    /// Busy-polled: some running queue has no kick fd, or `--poll`.
+    fn polled(&self) -> bool {
+        self.runs().any(|r| r.polled && !r.is_broken() && !r.is_parked())
     }
 
-    /// Parks the queue on the miss `e` and asks the frontend for the entry.
-    fn park(&mut self, generation: u64, e: &QueueError) {
-        let Some((iova, perm)) = e.iotlb_miss() else { return };
-        tracing::debug!(queue = self.index, iova, ?perm, "IOTLB miss; queue parked");
-        self.parked = Some(Parked { generation, iova, perm, asked: std::time::Instant::now() });
-        self.ask(iova, perm);
-        // Completions already in the engine (their eventfd was read before this pass) are
-        // reaped now, not at the next wake-up: an invalidation may be waiting for their pins.
-        self.reap_parked();
+    fn parked(&self) -> bool {
+        self.runs().any(|r| r.is_parked() && !r.is_broken())
     }
 
-    /// Reaps what completed while the queue cannot touch its ring; the used elements wait in
-    /// `stash`.
-    fn reap_parked(&mut self) {
-        if let Some(engine) = self.engine.as_mut() {
-            // Requests a failed submission left behind hold pins too: an invalidation could wait
-            // for them for ever while the queue waits for the frontend.
-            if engine.pending_submit() {
-                if let Err(e) = engine.submit() {
-                    tracing::error!(queue = self.index, error = %e, "I/O submission failed");
-                }
-            }
-            if engine.in_flight() > 0 {
-                let stash = &mut self.stash;
-                if let Err(e) = self.queue.with_memory(|mem| engine.reap(mem, stash)) {
-                    // What was stashed goes into the ring below; the failed request never does.
-                    self.stash_error = Some(e);
-                }
-            }
-        }
-        if self.stash.is_empty() {
-            return;
-        }
-        // The completions go into the used ring now if the rings are there (the miss was a
-        // buffer's): a frontend that never answers must not keep finished requests from the
-        // guest. A ring miss leaves them stashed.
-        let stash = &mut self.stash;
-        let res = self.queue.process(|qb| {
-            for (token, len) in stash.drain(..) {
-                qb.add_used(token, len)?;
-            }
-            Ok::<(), QueueError>(())
-        });
-        match res {
-            Ok((Ok(()), notify)) => self.signal(notify),
-            Err(e) if e.is_iotlb_miss() => {}
-            Ok((Err(e), _)) | Err(e) => self.break_queue(&e),
-        }
-        if let Some(e) = self.stash_error.take() {
-            self.break_queue(&e);
-        }
+    fn kicked(&self) -> bool {
+        self.runs().any(|r| r.kicked)
     }
 
-    fn ask(&self, iova: u64, perm: Perm) {
-        if let Err(err) = self.channel.iotlb_miss(iova, perm) {
-            tracing::warn!(queue = self.index, iova, error = %err, "IOTLB miss not sent; asking again later");
-        }
-    }
-
-    /// A parked queue: whether it may run again (the IOTLB moved). While it may not, I/O in
-    /// flight is still completed, and the miss is sent again now and then.
-    fn unpark(&mut self) -> bool {
-        let Some(p) = self.parked.as_mut() else { return true };
-        if self.queue.iotlb_generation() != p.generation {
-            self.parked = None;
-            return true;
-        }
-        if p.asked.elapsed() >= MISS_RETRY {
-            p.asked = std::time::Instant::now();
-            let (iova, perm) = (p.iova, p.perm);
-            self.ask(iova, perm);
-        }
-        self.reap_parked();
-        false
-    }
-
-    fn signal(&mut self, notify: bool) {
-        if notify {
-            signal(self.call.as_ref());
-        }
-    }
-
-    fn break_queue(&mut self, e: &QueueError) {
-        tracing::warn!(queue = self.index, error = %e, "queue broken; it stays stopped until reset");
-        if let Some((iova, perm)) = e.iotlb_denied() {
-            if let Err(err) = self.channel.iotlb_access_fail(iova, perm) {
-                tracing::debug!(error = %err, "IOTLB access failure not reported");
+    /// Calls the handler and tells it about queues that broke.
+    fn run(&mut self, events: &Events) -> bool {
+        let Some(h) = self.handler.as_mut() else { return false };
+        let p: Progress = h.run(&mut Queues { rings: &mut self.rings }, events);
+        self.again = p.again;
+        for (i, slot) in self.rings.iter_mut().enumerate() {
+            if let Some(r) = slot.as_mut().filter(|r| r.is_broken() && !r.broken_reported) {
+                r.broken_reported = true;
+                h.broken(i);
             }
         }
-        if let Some(e) = self.engine.as_mut() {
-            e.discard();
-        }
-        self.broken = true;
-        self.broken_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.idle = if p.worked { 0 } else { self.idle.saturating_add(1) };
+        p.worked
     }
+}
 
-    /// Processes the ring until it has nothing more (kick mode: with notifications re-enabled;
-    /// poll mode, or `spin`: one pass with notifications off), or for at most `MAX_PASSES`
-    /// passes, after which `backlog` says the ring still has work (the thread's other queues and
-    /// commands get their turn first). Returns whether it did any work.
-    fn run(&mut self, spin: bool) -> bool {
-        self.backlog = false;
-        if self.broken || !self.unpark() {
-            return false;
-        }
-        let mut worked = false;
-        let mut passes = 0u32;
-        loop {
-            passes += 1;
-            let (index, poll) = (self.index, self.poll || spin);
-            let generation = self.queue.iotlb_generation();
-            let flushes = self.queue.log_flushes();
-            let (device, engine, done, stash) = (&*self.device, &mut self.engine, &mut self.done, &mut self.stash);
-            let call = self.call.as_ref();
-            let res = self.queue.process(|qb| {
-                if poll {
-                    qb.disable_notification()?;
-                }
-                let n = Self::pass(index, call, device, engine, done, stash, qb)?;
-                let more = if poll { false } else { qb.enable_notification()? };
-                Ok::<(u32, bool), QueueError>((n, more))
-            });
-            match res {
-                Ok((Ok((n, more)), notify)) => {
-                    self.signal(notify);
-                    if self.queue.log_flushes() != flushes {
-                        self.log_kick.kick();
-                    }
-                    worked |= n > 0 || notify;
-                    self.backlog = self.engine.as_ref().is_some_and(|e| e.pending_submit());
-                    if !more {
-                        return worked;
-                    }
-                    if passes >= MAX_PASSES {
-                        self.backlog = true;
-                        return worked;
-                    }
-                }
-                Ok((Err(e), notify)) if e.is_iotlb_miss() => {
-                    self.signal(notify);
-                    self.park(generation, &e);
-                    return worked || notify;
-                }
-                Err(e) if e.is_iotlb_miss() => {
-                    self.park(generation, &e);
-                    return worked;
-                }
-                Ok((Err(e), _)) | Err(e) => {
-                    self.break_queue(&e);
-                    return worked;
-                }
-            }
-        }
-    }
-
-    /// Completes every request in flight (before the queue is handed back).
-    fn drain(&mut self) {
-        // Completions stashed while parked on an IOTLB miss go into the ring too. If the miss was
-        // the ring itself, they cannot: the queue breaks (a driver that takes its rings' IOTLB
-        // entries back while they are in use).
-        loop {
-            let in_flight = self.engine.as_ref().is_some_and(|e| e.in_flight() > 0);
-            if self.broken || (!in_flight && self.stash.is_empty()) {
-                break;
-            }
-            if let Some(Err(err)) = self.engine.as_mut().filter(|_| in_flight).map(|e| e.wait()) {
-                // The requests cannot be completed into the ring: the queue is broken (the
-                // guest sees NEEDS_RESET) rather than handed back as if nothing were pending.
-                tracing::error!(queue = self.index, error = %err, "waiting for I/O failed");
-                self.break_queue(&QueueError::Config { what: "in-flight I/O could not be completed" });
-                return;
-            }
-            let (engine, done, stash) = (&mut self.engine, &mut self.done, &mut self.stash);
-            let res = self.queue.process(|qb| {
-                let mem = qb.memory();
-                for (token, len) in stash.drain(..) {
-                    qb.add_used(token, len)?;
-                }
-                done.clear();
-                let reaped = engine.as_mut().map_or(Ok(()), |e| e.reap(mem, done));
-                qb.add_used_many(done.iter().copied())?;
-                reaped
-            });
-            match res {
-                Ok((Ok(()), notify)) => self.signal(notify),
-                Ok((Err(e), _)) | Err(e) => self.break_queue(&e),
-            }
-        }
-    }
+/// Who a polled descriptor belongs to.
+#[derive(Clone, Copy)]
+enum Owner {
+    Kick { group: usize, ring: usize },
+    Handler { group: usize, index: usize },
 }
 
 struct WorkerThread {
     wake: EventFd,
-    pending: Arc<std::sync::atomic::AtomicBool>,
+    pending: Arc<AtomicBool>,
     commands: mpsc::Receiver<Command>,
-    queues: Vec<Served>,
-    /// The current spin window (adaptive, at most `spin_max`).
-    spin: std::time::Duration,
-    spin_max: std::time::Duration,
+    groups: Vec<Group>,
+    group_size: usize,
+    /// The current spin window (adaptive, at most `poll_max`).
+    spin: Duration,
+    poll_max: Duration,
+    /// Reused for every handler call.
+    events: Events,
 }
+
+/// The longest one spin phase lasts however much work it finds, before the thread goes back to
+/// its main loop. Commands end a spin at once (the pending flag) and the spin serves every group
+/// of the thread, so this only bounds how long new fds wait; at 2 ms the extra sleep/wake cycles
+/// cost depth-32 throughput in A/B runs.
+const SPIN_LIMIT: Duration = Duration::from_millis(50);
+
+/// How long a spin stays idle before it starts yielding its core (see `WorkerThread::spin`).
+const YIELD_AFTER: Duration = Duration::from_micros(8);
+
+/// A parked queue is looked at again when the IOTLB changes (the control thread wakes every
+/// worker) and at least this often (100 ms), to ask again.
+const PARKED_RETRY_NS: i64 = 100_000_000;
 
 impl WorkerThread {
     /// Applies pending commands; false when the pool is gone.
     fn commands(&mut self) -> bool {
         // Cleared before the channel is read: a command sent after this is seen next time.
-        self.pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.pending.store(false, Ordering::SeqCst);
         loop {
             match self.commands.try_recv() {
-                Ok(Command::Start(s)) => {
-                    let mut q = Served::new(*s);
-                    tracing::debug!(queue = q.index, poll = q.poll, "queue started");
-                    // The first pass runs at once: a restarted backend has chains to resubmit
-                    // (inflight tracking) or buffers made available while no backend listened.
-                    q.run(false);
-                    self.queues.push(q);
-                }
+                Ok(Command::Start(s)) => self.start(*s),
                 Ok(Command::Stop(index, reply)) => {
-                    let q = self.queues.iter().position(|q| q.index == index).map(|i| self.queues.swap_remove(i));
-                    let _ = reply.send(q.map(|mut q| {
-                        q.drain();
-                        q.queue
-                    }));
+                    let _ = reply.send(self.stop(index));
                 }
                 Err(mpsc::TryRecvError::Empty) => return true,
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    for q in &mut self.queues {
-                        q.drain();
+                    let all: Vec<usize> =
+                        self.groups.iter().flat_map(|g| g.runs().map(Ring::index).collect::<Vec<_>>()).collect();
+                    for index in all {
+                        self.stop(index);
                     }
                     return false;
                 }
@@ -516,72 +256,169 @@ impl WorkerThread {
         }
     }
 
+    fn start(&mut self, s: QueueStart) {
+        let (group_id, local) = (s.index / self.group_size, s.index % self.group_size);
+        let gi = match self.groups.iter().position(|g| g.id == group_id) {
+            Some(i) => i,
+            None => {
+                self.groups.push(Group {
+                    id: group_id,
+                    rings: (0..self.group_size).map(|_| None).collect(),
+                    handler: None,
+                    again: false,
+                    idle: 0,
+                });
+                self.groups.len() - 1
+            }
+        };
+        let g = &mut self.groups[gi];
+        let mut ring = Ring::new(s.index, s.queue, s.kick, s.call, s.poll, s.broken, s.channel, s.log_kick);
+        if g.handler.is_none() {
+            match s.device.activate(group_id, s.features) {
+                Ok(h) => g.handler = Some(h),
+                Err(e) => {
+                    tracing::error!(queue = s.index, error = %e, "the device could not serve this queue");
+                    ring.fail(&vireo_queue::QueueError::Config { what: "the device could not be activated" });
+                    ring.broken_reported = true;
+                }
+            }
+        }
+        tracing::debug!(queue = s.index, polled = ring.polled, "queue started");
+        g.rings[local] = Some(ring);
+        // The first run happens at once: a restarted backend has chains to resubmit (inflight
+        // tracking) or buffers made available while no backend listened.
+        let events = &mut self.events;
+        events.reset(0, false);
+        g.run(events);
+    }
+
+    fn stop(&mut self, index: usize) -> Option<Queue> {
+        let (group_id, local) = (index / self.group_size, index % self.group_size);
+        let gi = self.groups.iter().position(|g| g.id == group_id)?;
+        let g = &mut self.groups[gi];
+        g.rings.get(local)?.as_ref()?;
+        if let Some(h) = g.handler.as_mut() {
+            h.stop(&mut Queues { rings: &mut g.rings }, local);
+        }
+        let ring = g.rings[local].take()?;
+        if g.rings.iter().all(Option::is_none) {
+            // The group's last queue: its handler goes (a device's per-group resources with it).
+            self.groups.swap_remove(gi);
+        }
+        Some(ring.into_queue())
+    }
+
     fn run(mut self) {
+        let mut fds: Vec<(RawFd, rustix::event::PollFlags)> = Vec::new();
+        let mut owners: Vec<Owner> = Vec::new();
+        let mut declared: Vec<usize> = Vec::new();
+        let mut ready: Vec<bool> = Vec::new();
+        let mut handler_events: Vec<Vec<(usize, bool, bool)>> = Vec::new();
         loop {
-            let polling = self.queues.iter().any(|q| (q.poll || q.backlog) && !q.broken && q.parked.is_none());
-            let parked = self.queues.iter().any(|q| q.parked.is_some() && !q.broken);
-            let (ready, slept) = {
-                // SAFETY: the eventfd lives as long as `self`, beyond this poll call.
-                let wake = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&self.wake)) };
-                let mut watched = vec![wake];
-                let mut owner = Vec::new();
-                for (i, q) in self.queues.iter().enumerate() {
-                    if let Some(k) = q.kick.as_ref().filter(|_| !q.poll) {
-                        watched.push(k.as_fd());
-                        owner.push(i);
-                    }
-                    if let Some(e) = q.engine.as_ref() {
-                        watched.push(e.completion_fd());
-                        owner.push(i);
+            let polling = self.groups.iter().any(|g| g.again || g.polled());
+            let parked = self.groups.iter().any(Group::parked);
+            fds.clear();
+            owners.clear();
+            declared.clear();
+            fds.push((self.wake.as_raw_fd(), rustix::event::PollFlags::IN));
+            let mut interest = Vec::new();
+            for (gi, g) in self.groups.iter().enumerate() {
+                for (ri, r) in g.rings.iter().enumerate() {
+                    if let Some(k) = r.as_ref().filter(|r| !r.polled && !r.is_broken()).and_then(|r| r.kick.as_ref()) {
+                        fds.push((k.as_raw_fd(), rustix::event::PollFlags::IN));
+                        owners.push(Owner::Kick { group: gi, ring: ri });
                     }
                 }
-                let mut fds: Vec<_> =
-                    watched.iter().map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)).collect();
-                let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-                // A parked queue is looked at again when the IOTLB changes (the control thread
-                // wakes every worker) and at least this often, to ask again.
-                let retry = rustix::event::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
-                let timeout = if polling {
-                    Some(&zero)
-                } else if parked {
-                    Some(&retry)
-                } else {
-                    None
-                };
-                let slept_from = std::time::Instant::now();
-                let res = rustix::event::poll(&mut fds, timeout);
-                let slept = slept_from.elapsed();
-                match res {
+                interest.clear();
+                if let Some(h) = g.handler.as_ref() {
+                    h.interest(&mut interest);
+                }
+                declared.push(interest.len());
+                for (i, it) in interest.iter().enumerate() {
+                    let mut flags = rustix::event::PollFlags::empty();
+                    if it.read {
+                        flags |= rustix::event::PollFlags::IN;
+                    }
+                    if it.write {
+                        flags |= rustix::event::PollFlags::OUT;
+                    }
+                    fds.push((it.fd.as_raw_fd(), flags));
+                    owners.push(Owner::Handler { group: gi, index: i });
+                }
+            }
+            drop(interest);
+            let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+            let retry = rustix::event::Timespec { tv_sec: 0, tv_nsec: PARKED_RETRY_NS };
+            let timeout = if polling {
+                Some(&zero)
+            } else if parked {
+                Some(&retry)
+            } else {
+                None
+            };
+            let slept_from = Instant::now();
+            let revents = {
+                // SAFETY: every descriptor here belongs to `self` (the wake eventfd, the rings'
+                // kicks, the handlers' own descriptors), none of which is closed or dropped
+                // before this block ends: nothing else runs on this thread meanwhile.
+                let borrowed: Vec<BorrowedFd<'_>> =
+                    fds.iter().map(|&(fd, _)| unsafe { BorrowedFd::borrow_raw(fd) }).collect();
+                let mut pfds: Vec<rustix::event::PollFd<'_>> =
+                    borrowed.iter().zip(&fds).map(|(fd, &(_, flags))| rustix::event::PollFd::new(fd, flags)).collect();
+                match rustix::event::poll(&mut pfds, timeout) {
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "worker poll failed; the thread stops");
                         return;
                     }
                 }
-                let mut ready = vec![false; self.queues.len()];
-                let fired: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-                drop(fds);
-                for ((fd, &i), &f) in watched[1..].iter().zip(&owner).zip(&fired[1..]) {
-                    if f {
-                        drain_fd(*fd);
-                        ready[i] = true;
+                pfds.iter().map(|p| p.revents()).collect::<Vec<_>>()
+            };
+            let slept = slept_from.elapsed();
+            ready.clear();
+            ready.resize(self.groups.len(), false);
+            handler_events.resize_with(self.groups.len(), Vec::new);
+            for e in handler_events.iter_mut() {
+                e.clear();
+            }
+            if !revents[0].is_empty() {
+                // SAFETY: the wake eventfd lives as long as `self`.
+                drain(unsafe { BorrowedFd::borrow_raw(fds[0].0) });
+            }
+            for ((&(fd, _), rev), owner) in fds[1..].iter().zip(&revents[1..]).zip(&owners) {
+                if rev.is_empty() {
+                    continue;
+                }
+                match *owner {
+                    Owner::Kick { group, ring } => {
+                        // SAFETY: the kick belongs to a ring of `self`, alive until it is read.
+                        drain(unsafe { BorrowedFd::borrow_raw(fd) });
+                        if let Some(r) = self.groups[group].rings[ring].as_mut() {
+                            r.kicked = true;
+                        }
+                        ready[group] = true;
+                    }
+                    Owner::Handler { group, index } => {
+                        use rustix::event::PollFlags as F;
+                        let err = rev.intersects(F::ERR | F::HUP | F::NVAL);
+                        let r = rev.contains(F::IN) || err;
+                        let w = rev.contains(F::OUT) || err;
+                        handler_events[group].push((index, r, w));
+                        ready[group] = true;
                     }
                 }
-                let wake_ready = fired[0];
-                if wake_ready {
-                    drain_fd(wake);
-                }
-                (ready, slept)
-            };
+            }
             if !polling {
                 self.adapt_spin(slept);
             }
             let mut any = false;
-            for (q, r) in self.queues.iter_mut().zip(&ready) {
-                if *r || q.poll || q.backlog || q.parked.is_some() {
-                    let worked = q.run(false);
-                    any |= worked;
-                    q.idle = if worked { 0 } else { q.idle.saturating_add(1) };
+            for (gi, g) in self.groups.iter_mut().enumerate() {
+                if ready[gi] || g.again || g.polled() || g.parked() || g.kicked() {
+                    self.events.reset(declared[gi], false);
+                    for &(i, r, w) in &handler_events[gi] {
+                        self.events.set(i, r, w);
+                    }
+                    any |= g.run(&self.events);
                 }
             }
             if !self.commands() {
@@ -590,66 +427,47 @@ impl WorkerThread {
             if any && !polling && !self.spin.is_zero() {
                 self.spin();
             }
-            if polling && self.queues.iter().filter(|q| q.poll).all(|q| q.idle > 100_000) {
+            if polling && self.groups.iter().filter(|g| g.polled()).all(|g| g.idle > 100_000) {
                 // A long idle stretch: give the core away briefly.
                 std::thread::yield_now();
             }
         }
     }
-}
 
-/// The longest a worker keeps polling its rings and engines after work before it sleeps in
-/// `poll(2)`, as QEMU's iothreads do (`poll-max-ns`): a request that arrives, or an I/O that
-/// completes, within it costs no wake-up. QEMU's default is 32 us; Vireo's workers yield the core
-/// while they spin idle, so a longer window costs the other threads little, and it covers the
-/// time a driver takes to consume a deep queue's completions and refill it (A/B runs in
-/// BENCHMARKS.md: at depth 128 on one queue, 100 us gave about twice the IOPS of 32 us).
-pub(crate) const SPIN_MAX: std::time::Duration = std::time::Duration::from_micros(100);
-
-/// The longest one spin phase lasts however much work it finds, before the thread goes back to
-/// its main loop. Commands end a spin at once (the pending flag) and the spin serves every queue
-/// of the thread, so this only bounds how long new fds wait; at 2 ms the extra sleep/wake cycles
-/// cost depth-32 throughput in A/B runs.
-const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// How long a spin stays idle before it starts yielding its core (see `WorkerThread::spin`).
-const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(8);
-
-/// Passes over one ring in a row before the thread turns to its other queues.
-const MAX_PASSES: u32 = 64;
-
-impl WorkerThread {
     /// The window adapts like QEMU's: a sleep shorter than the longest window means spinning
-    /// longer would have caught the event (double it, from 4 us); a sleep longer than that means
+    /// longer would have caught the event (double it, from 4 µs); a sleep longer than that means
     /// the spin before it waited in vain (halve it, down to none).
-    fn adapt_spin(&mut self, slept: std::time::Duration) {
-        if self.spin_max.is_zero() {
+    fn adapt_spin(&mut self, slept: Duration) {
+        if self.poll_max.is_zero() {
             return;
         }
-        if slept < self.spin_max {
-            self.spin = (self.spin * 2).clamp(std::time::Duration::from_micros(4).min(self.spin_max), self.spin_max);
+        if slept < self.poll_max {
+            self.spin = (self.spin * 2).clamp(Duration::from_micros(4).min(self.poll_max), self.poll_max);
         } else {
             self.spin /= 2;
-            if self.spin < std::time::Duration::from_micros(1) {
-                self.spin = std::time::Duration::ZERO;
+            if self.spin < Duration::from_micros(1) {
+                self.spin = Duration::ZERO;
             }
         }
     }
 
-    /// Polls every queue, notifications off, until the spin window passes without work; then
-    /// one pass with notifications on catches what arrived at the end.
+    /// Runs every group in spin mode (notifications off) until the spin window passes without
+    /// work; then one run in kick mode catches what arrived at the end.
     fn spin(&mut self) {
         let window = self.spin;
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let limit = start + SPIN_LIMIT;
         let mut until = start + window;
         let mut last_work = start;
         loop {
             let mut worked = false;
-            for q in self.queues.iter_mut() {
-                worked |= q.run(true);
+            for g in self.groups.iter_mut() {
+                // Handler descriptors are not polled here: a spinning handler looks at them
+                // itself (a non-blocking read or write finds out), as it looks at its rings.
+                self.events.reset(0, true);
+                worked |= g.run(&self.events);
             }
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if worked {
                 until = now + window;
                 last_work = now;
@@ -658,7 +476,7 @@ impl WorkerThread {
             }
             // A command waits (a ring to stop or start), or the spin has gone on long enough:
             // back to the main loop, which looks at commands and every fd.
-            if self.pending.load(std::sync::atomic::Ordering::Relaxed) || now >= limit {
+            if self.pending.load(Ordering::Relaxed) || now >= limit {
                 break;
             }
             if now.duration_since(last_work) < YIELD_AFTER {
@@ -672,20 +490,9 @@ impl WorkerThread {
                 std::thread::yield_now();
             }
         }
-        for q in self.queues.iter_mut().filter(|q| !q.poll) {
-            q.run(false);
+        for g in self.groups.iter_mut().filter(|g| !g.polled()) {
+            self.events.reset(0, false);
+            g.run(&self.events);
         }
     }
-}
-
-/// Interrupts the driver through its call eventfd.
-fn signal(call: Option<&File>) {
-    if let Some(mut c) = call {
-        let _ = c.write(&1u64.to_ne_bytes());
-    }
-}
-
-fn drain_fd(f: BorrowedFd<'_>) {
-    let mut buf = [0u8; 8];
-    let _ = rustix::io::read(f, &mut buf);
 }

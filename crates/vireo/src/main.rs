@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 mod bench;
+mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -51,27 +52,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BlkArgs {
-    /// The vhost-user socket to listen on (created; removed on exit), or with --client the
-    /// frontend's socket to connect to.
-    #[arg(long, required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
-    socket_path: Option<std::path::PathBuf>,
-    /// The vhost-user socket is this inherited file descriptor (vhost-user's backend
-    /// conventions): a listening socket is served one frontend at a time, a connected one is
-    /// served until that frontend goes away.
-    #[arg(long, conflicts_with = "client")]
-    fd: Option<i32>,
-    /// Print the backend's capabilities as vhost-user.json describes them and exit.
-    #[arg(long)]
-    print_capabilities: bool,
-    /// Connect to the frontend's socket (QEMU's `-chardev socket,server=on`) instead of
-    /// listening, and connect again with backoff (50 ms doubling to 2 s) whenever the
-    /// connection ends or the socket is not there yet.
-    #[arg(long)]
-    client: bool,
-    /// Worker threads per connection; queue i is served by thread i % N from one poll loop.
-    /// Default: one thread per queue.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
+    #[command(flatten)]
+    serve: serve::ServeArgs,
     /// The raw image file or block device to serve (`--blk-file`, the vhost-user-blk
     /// convention's name, is the same option).
     #[arg(long, alias = "blk-file", conflicts_with = "null", required_unless_present_any = ["null", "print_capabilities"])]
@@ -84,31 +66,22 @@ struct BlkArgs {
     #[arg(long)]
     read_only: bool,
     /// Queues offered to the guest.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     num_queues: u16,
     /// Largest queue size accepted.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=32768))]
     queue_size: u16,
     /// The device id the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, default_value = "vireo")]
     serial: String,
-    /// Busy-poll the rings instead of waiting for the guest's kicks: each worker thread spins
-    /// over its queues (lower latency at the price of a busy core per thread).
-    #[arg(long)]
-    poll: bool,
-    /// After work, how long (in nanoseconds) a worker keeps polling its rings and I/O
-    /// completions before it sleeps until the next kick, as QEMU's iothread `poll-max-ns`; the
-    /// window adapts below it, and an idle spinning worker yields its core to any thread that
-    /// wants it. 0 sleeps at once.
-    #[arg(long, default_value_t = 100_000)]
-    poll_max_ns: u64,
     /// How image I/O is done: `io-uring` (one ring per queue, many requests in flight, completed
     /// out of order) or `sync` (preadv/pwritev on the queue's thread, one at a time). Like
     /// qemu-storage-daemon's `aio=`.
     #[arg(long, value_enum, default_value_t = AioArg::IoUring)]
     aio: AioArg,
     /// Bypass the host page cache (O_DIRECT) for reads and writes, like qemu-storage-daemon's
-    /// `cache.direct=on`. Requests whose buffers are not 512-byte aligned go through the cache.
+    /// `cache.direct=on`. Requests whose buffers are not 512-byte aligned, or are guest RAM in a
+    /// regular file, go through the cache.
     #[arg(long)]
     direct: bool,
 }
@@ -126,16 +99,10 @@ enum AioArg {
 enum BlkError {
     #[error("cannot open image {path}: {source}")]
     Image { path: String, source: std::io::Error },
-    #[error("socket path {0} is in use by a running backend")]
-    InUse(String),
     #[error(transparent)]
-    Serve(#[from] vireo_vhost::ServeError),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
+    Serve(#[from] serve::Error),
     #[error(transparent)]
     Device(#[from] vireo_blk::BlkError),
-    #[error("--fd {fd}: {why}")]
-    Fd { fd: i32, why: String },
 }
 
 /// `--print-capabilities`: the vhost-user.json capabilities of a block backend. The schema
@@ -147,38 +114,12 @@ const CAPABILITIES: &str = r#"{
   ]
 }"#;
 
-/// Takes over the inherited descriptor `fd` as the vhost-user socket.
-fn inherited_socket(fd: i32) -> Result<Socket, BlkError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let bad = |why: &str| BlkError::Fd { fd, why: why.to_string() };
-    if fd < 3 {
-        return Err(bad("not an inherited descriptor (0, 1 and 2 are stdio)"));
-    }
-    // SAFETY: the only check a process can make that `fd` is open is to ask the kernel about
-    // it, which needs a borrowed descriptor for the duration of the call; nothing is done with
-    // it if it is not open.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let listening =
-        rustix::net::sockopt::socket_acceptconn(borrowed).map_err(|e| bad(&format!("not a socket: {e}")))?;
-    // SAFETY: `fd` is an open socket (checked above) that the process was started with for this
-    // purpose; nothing else in the process owns it, so this takes sole ownership.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(if listening { Socket::Listener(owned.into()) } else { Socket::Stream(owned.into()) })
-}
-
-enum Socket {
-    Listener(std::os::unix::net::UnixListener),
-    Stream(std::os::unix::net::UnixStream),
-}
-
 fn blk(a: BlkArgs) -> Result<(), BlkError> {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-    if a.print_capabilities {
+    if a.serve.print_capabilities {
         println!("{CAPABILITIES}");
         return Ok(());
     }
-    let inherited = a.fd.map(inherited_socket).transpose()?;
+    let endpoint = a.serve.endpoint()?;
     let storage = match (&a.image, a.null) {
         (Some(path), _) => {
             let file = std::fs::OpenOptions::new()
@@ -200,12 +141,6 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
         }
         (None, None) => unreachable!("clap requires --image or --null"),
     };
-    // A socket another backend listens on must not be stolen from it.
-    if let Some(path) = a.socket_path.as_ref().filter(|_| !a.client) {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(BlkError::InUse(path.display().to_string()));
-        }
-    }
     let device = vireo_blk::BlkDevice::new(
         storage,
         vireo_blk::BlkConfig {
@@ -217,24 +152,7 @@ fn blk(a: BlkArgs) -> Result<(), BlkError> {
             direct: a.direct,
         },
     )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(BlkError::Signals)?;
-    }
-    let opts = vireo_vhost::ServeOptions {
-        poll: a.poll,
-        threads: a.threads.map(usize::from),
-        client: a.client,
-        poll_max: Some(std::time::Duration::from_nanos(a.poll_max_ns)),
-    };
-    let device: Arc<dyn vireo_vhost::Device> = Arc::new(device);
-    match (inherited, &a.socket_path) {
-        (Some(Socket::Listener(l)), _) => vireo_vhost::serve_listener(&l, device, &stop, &opts)
-            .map_err(|e| BlkError::Fd { fd: a.fd.unwrap_or(-1), why: e.to_string() })?,
-        (Some(Socket::Stream(s)), _) => vireo_vhost::serve_stream(s, device, &stop, &opts),
-        (None, Some(path)) => vireo_vhost::serve_opts(path, device, &stop, &opts)?,
-        (None, None) => unreachable!("clap requires --socket-path or --fd"),
-    }
+    a.serve.run(endpoint, std::sync::Arc::new(device))?;
     Ok(())
 }
 

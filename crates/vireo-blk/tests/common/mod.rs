@@ -13,7 +13,7 @@ use vireo_vhost::VhostUserBackend;
 /// A started, polled ring of 16 descriptors on a null device whose GET_ID returns `serial`.
 pub fn polled_ring(serial: &str) -> (VhostUserBackend, GuestRam, SplitDriver) {
     let device = BlkDevice::new(Storage::Null { size: 1 << 20 }, BlkConfig::new(serial)).unwrap();
-    let mut backend = VhostUserBackend::new(Arc::new(device), false);
+    let mut backend = VhostUserBackend::new(Arc::new(device), false, 1, vireo_vhost::DEFAULT_POLL_MAX);
     let mut ram = GuestRam::single(4 << 20).unwrap();
     let drv = SplitDriver::new(&mut ram, 16).unwrap();
     let regions: Vec<VhostUserMemoryRegion> = ram

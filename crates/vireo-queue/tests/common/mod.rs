@@ -86,11 +86,8 @@ impl Bench {
         } else {
             Driver::Split(SplitDriver::new(&mut ram, size).unwrap())
         };
-        let queue = Queue::new(
-            mem.register_queue(),
-            QueueConfig { size, addrs: drv.addrs(), event_idx: false, ring_log_addr: None },
-        )
-        .unwrap();
+        let queue =
+            Queue::new(mem.register_queue(), QueueConfig { size, addrs: drv.addrs(), event_idx: false }).unwrap();
         Self { ram, mem, drv, queue }
     }
 
