@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use vireo_queue::{QueueBatch, QueueError, UsedToken};
-use vireo_vhost::{publish, Call, Events, Interest, Progress, QueueHandler, Queues, Ring};
+use vireo_vhost::{publish, Call, Events, Interest, Pass, Progress, QueueHandler, Queues, Ring};
 
 use crate::uring::UringEngine;
 use crate::Inner;
@@ -150,7 +150,8 @@ impl QueueHandler for BlkQueue {
             }
         }
         let (dev, engine, done, stash) = (&*self.dev, &mut self.engine, &mut self.done, &mut self.stash);
-        let served = ring.serve(events.spin(), |qb, call| Self::pass(dev, engine, done, stash, qb, call));
+        let served =
+            ring.serve(events.spin(), |qb, call| Self::pass(dev, engine, done, stash, qb, call).map(Pass::done));
         let mut worked = served.worked;
         if ring.is_parked() {
             // Completions already in the engine (their eventfd was read before this pass) are

@@ -13,7 +13,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use vireo_memory::{Batch, GuestPhysAddr};
+use vireo_memory::{Batch, GuestPhysAddr, GuestSlice};
 
 use crate::chain::{Chain, Segments, DESC_F_AVAIL, DESC_F_USED};
 use crate::error::QueueError;
@@ -55,6 +55,31 @@ pub struct QueueBatch<'b, 'q> {
     pub(crate) logging: bool,
     pub(crate) inflight: Option<&'b mut Inflight>,
     pub(crate) packed_inflight: Option<&'b mut PackedInflight>,
+}
+
+/// One buffer of a chain taken with [`QueueBatch::pop_buffers`]: valid for the whole batch, so
+/// that a device can hold several chains at once (a frame spread over several receive buffers).
+#[derive(Clone, Copy, Debug)]
+pub struct Buffer<'b> {
+    /// Guest physical address of its first byte (what the dirty log records).
+    pub gpa: GuestPhysAddr,
+    /// The device may write it; else it reads it. Readable buffers come first in a chain.
+    pub writable: bool,
+    /// The host view.
+    pub slice: GuestSlice<'b>,
+}
+
+/// What [`QueueBatch::pop_buffers`] took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Popped {
+    /// What to complete it with.
+    pub token: UsedToken,
+    /// Bytes the device may read (the readable buffers, first).
+    pub readable: u32,
+    /// Bytes the device may write (the writable buffers, after them).
+    pub writable: u32,
+    /// How many buffers were appended.
+    pub buffers: usize,
 }
 
 /// A position in the available ring ([`QueueBatch::avail_position`]), to give chains back to.
@@ -132,6 +157,25 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     pub(crate) fn charge(&mut self, n: usize) {
         // n <= budget (`allowance`), which fits u32.
         self.budget -= u32::try_from(n).unwrap_or(self.budget).min(self.budget);
+    }
+
+    /// Pops the next chain as [`QueueBatch::pop`] does and appends its buffers to `out`, views
+    /// valid until the batch ends (not only until the next pop): a device that needs several
+    /// chains at once (mergeable receive buffers) holds them this way, within the batch.
+    pub fn pop_buffers(&mut self, out: &mut Vec<Buffer<'b>>) -> Result<Option<Popped>, QueueError> {
+        let Some(chain) = self.pop()? else { return Ok(None) };
+        let token = chain.token();
+        let (readable, writable) = (chain.readable_len(), chain.writable_len());
+        let n = chain.segments();
+        for i in 0..n {
+            let Some((gpa, w, s)) = chain.segment(i) else { continue };
+            // SAFETY: the segment was translated in this batch, which holds its region (a pin,
+            // or the cached translation of the rings' region) until the batch ends; `'b` is the
+            // batch's borrow of its memory batch, so the view cannot outlive it either.
+            let slice = unsafe { GuestSlice::new(std::ptr::NonNull::new_unchecked(s.as_ptr()), s.len()) };
+            out.push(Buffer { gpa, writable: w, slice });
+        }
+        Ok(Some(Popped { token, readable, writable, buffers: n }))
     }
 
     /// Where the device is in the available ring now: [`QueueBatch::rewind`] gives back every

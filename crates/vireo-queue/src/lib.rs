@@ -33,7 +33,7 @@ mod resubmit;
 mod rings;
 mod split;
 
-pub use batch::{AvailPosition, QueueBatch};
+pub use batch::{AvailPosition, Buffer, Popped, QueueBatch};
 pub use chain::{
     Chain, Descriptor, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, MAX_INDIRECT,
 };

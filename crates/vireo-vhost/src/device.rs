@@ -52,7 +52,7 @@ use std::os::fd::BorrowedFd;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-pub use crate::ring::{publish, Call, Ring, ServeResult};
+pub use crate::ring::{publish, Call, Pass, Ring, ServeResult};
 
 /// The protocol features a device gets unless it says otherwise.
 pub const DEFAULT_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ

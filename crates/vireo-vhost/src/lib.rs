@@ -31,9 +31,10 @@ mod worker;
 pub use backend::VhostUserBackend;
 pub use channel::{BackendChannel, ChannelError};
 pub use device::{
-    publish, Call, Device, DeviceRequest, Events, Interest, Progress, QueueHandler, Queues, Ring, ServeResult,
+    publish, Call, Device, DeviceRequest, Events, Interest, Pass, Progress, QueueHandler, Queues, Ring, ServeResult,
     DEFAULT_PROTOCOL_FEATURES,
 };
 pub use notify::{adopt_eventfd, EventNotifier, FdError, LogKick};
 pub use server::{serve, Endpoint, ServeError, ServeOptions};
+pub use vhost::vhost_user::message::VhostUserProtocolFeatures;
 pub use worker::DEFAULT_POLL_MAX;

@@ -59,6 +59,23 @@ struct Parked {
     asked: Instant,
 }
 
+/// What one pass of [`Ring::serve`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Work was done.
+    pub worked: bool,
+    /// The pass stopped because something other than the ring must come first (the port is
+    /// full, or has nothing to put in the buffers): no more batches, and no kick asked for.
+    pub blocked: bool,
+}
+
+impl Pass {
+    /// A pass that ran until the ring had nothing more (or the batch reached its bound).
+    pub fn done(worked: bool) -> Self {
+        Self { worked, blocked: false }
+    }
+}
+
 /// What [`Ring::serve`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServeResult {
@@ -66,6 +83,8 @@ pub struct ServeResult {
     pub worked: bool,
     /// The ring still has work (a batch reached its bound, or the passes ran out).
     pub again: bool,
+    /// The last pass was blocked ([`Pass::blocked`]).
+    pub blocked: bool,
 }
 
 /// One started queue of a group.
@@ -217,11 +236,11 @@ impl Ring {
     /// batch runs if buffers arrived meanwhile; when polling, notifications stay off and one
     /// batch runs. A batch that reached its bound is followed by another (the invalidation that
     /// waited for it goes between them), up to `MAX_PASSES`, after which `again` says the ring
-    /// has work left. `pass` returns whether it did work.
+    /// has work left. A pass that is blocked ends it at once, notifications left as they are.
     pub fn serve(
         &mut self,
         spin: bool,
-        mut pass: impl FnMut(&mut QueueBatch<'_, '_>, &Call) -> Result<bool, QueueError>,
+        mut pass: impl FnMut(&mut QueueBatch<'_, '_>, &Call) -> Result<Pass, QueueError>,
     ) -> ServeResult {
         let mut out = ServeResult::default();
         let poll = spin || self.polled;
@@ -230,18 +249,21 @@ impl Ring {
                 if poll {
                     qb.disable_notification()?;
                 }
-                let worked = pass(qb, call)?;
-                let more = if qb.exhausted() {
+                let p = pass(qb, call)?;
+                let more = if p.blocked {
+                    false
+                } else if qb.exhausted() {
                     true
                 } else if poll {
                     false
                 } else {
                     qb.enable_notification()?
                 };
-                Ok((worked, more))
+                Ok((p, more))
             });
-            let Some((worked, more)) = res else { return out };
-            out.worked |= worked;
+            let Some((p, more)) = res else { return out };
+            out.worked |= p.worked;
+            out.blocked = p.blocked;
             if !more {
                 return out;
             }

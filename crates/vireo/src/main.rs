@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 mod bench;
+mod net;
 mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -32,6 +33,9 @@ enum Retire {
 enum Command {
     /// Serve a disk image (or a null device) to a VMM as a vhost-user-blk backend.
     Blk(BlkArgs),
+    /// Serve a network device to a VMM as a vhost-user-net backend: a kernel tap, or a sink,
+    /// source or loopback.
+    Net(net::NetArgs),
     /// Drive a vhost-user-blk backend from this process and measure it (fio's vocabulary).
     Bench(bench::BenchArgs),
     /// Show the invalidation protocol at work: worker threads access guest memory through cached
@@ -215,6 +219,13 @@ fn main() -> ExitCode {
             Ok(()) => Ok(true),
             Err(e) => {
                 eprintln!("vireo blk: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Net(args) => match net::run(args) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                eprintln!("vireo net: {e}");
                 return ExitCode::FAILURE;
             }
         },
