@@ -163,19 +163,26 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// valid until the batch ends (not only until the next pop): a device that needs several
     /// chains at once (mergeable receive buffers) holds them this way, within the batch.
     pub fn pop_buffers(&mut self, out: &mut Vec<Buffer<'b>>) -> Result<Option<Popped>, QueueError> {
-        let Some(chain) = self.pop()? else { return Ok(None) };
-        let token = chain.token();
-        let (readable, writable) = (chain.readable_len(), chain.writable_len());
-        let n = chain.segments();
-        for i in 0..n {
-            let Some((gpa, w, s)) = chain.segment(i) else { continue };
-            // SAFETY: the segment was translated in this batch, which holds its region (a pin,
-            // or the cached translation of the rings' region) until the batch ends; `'b` is the
-            // batch's borrow of its memory batch, so the view cannot outlive it either.
-            let slice = unsafe { GuestSlice::new(std::ptr::NonNull::new_unchecked(s.as_ptr()), s.len()) };
-            out.push(Buffer { gpa, writable: w, slice });
+        if let Some(e) = self.broken.as_ref() {
+            return Err(QueueError::Broken(e.clone()));
         }
-        Ok(Some(Popped { token, readable, writable, buffers: n }))
+        if self.allowance(1) == 0 {
+            return Ok(None);
+        }
+        let Some((id, ring_descs)) = self.pop_unbounded_id()? else { return Ok(None) };
+        self.budget -= 1;
+        let t = self.segs.totals;
+        let n = self.segs.segs.len();
+        out.extend(self.segs.segs.iter().map(|s| Buffer {
+            gpa: GuestPhysAddr::new(s.gpa),
+            writable: s.writable,
+            // SAFETY: the segment was translated in this batch (its host address is never null:
+            // it lies in a mapping), which holds its region (a pin, or the cached translation of
+            // the rings' region) until the batch ends; `'b` is the batch's borrow of its memory
+            // batch, so the view cannot outlive it either.
+            slice: unsafe { GuestSlice::new(std::ptr::NonNull::new_unchecked(s.host as *mut u8), s.len as usize) },
+        }));
+        Ok(Some(Popped { token: UsedToken { id, ring_descs }, readable: t.readable, writable: t.writable, buffers: n }))
     }
 
     /// Where the device is in the available ring now: [`QueueBatch::rewind`] gives back every

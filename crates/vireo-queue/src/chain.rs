@@ -259,6 +259,16 @@ impl<'c> Chain<'c> {
     /// Copies `src` into the writable part from byte `offset`; returns how much was copied.
     /// The caller logs the write (`Chain::log_written`).
     pub fn write_at(&self, mut offset: usize, src: &[u8]) -> usize {
+        // The common case: one writable buffer (a receive buffer) that holds it all.
+        if let [s] = self.segs() {
+            if s.writable && offset.checked_add(src.len()).is_some_and(|end| end <= s.len as usize) {
+                if let Some((_, _, view)) = self.segment(0) {
+                    if view.copy_from(offset, src).is_ok() {
+                        return src.len();
+                    }
+                }
+            }
+        }
         let mut done = 0;
         for (_, s) in self.writable() {
             if done == src.len() {
