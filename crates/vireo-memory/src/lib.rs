@@ -39,6 +39,7 @@ pub mod mmap;
 pub mod protocol;
 pub mod stress;
 mod sync;
+pub use sync::asymmetric_fences;
 
 pub use access::GuestSlice;
 pub use addr::{GuestPhysAddr, UserAddr, LOG_PAGE_SIZE};

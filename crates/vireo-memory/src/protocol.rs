@@ -42,14 +42,19 @@
 //! zero. When it returns, no reader holds or will use a pointer into a retired region.
 //! [`Invalidation::end`]: `seq += 1` (even).
 //!
-//! Every "store mine, fence, load yours" above is one half of a Dekker handshake, and "fence" is
-//! `fence(SeqCst)` on both sides: of two SeqCst fences one comes first in their total order, so
-//! the load after the later fence sees the store before the earlier one; at least one side sees
-//! the other. (Fences rather than SeqCst accesses: on x86 a plain store plus a fence is the
-//! cheapest form, measured in BENCHMARKS.md, and it is the form loom models; loom treats SeqCst
-//! loads and stores as AcqRel.) The invalidator's waits then use Acquire loads that pair with
-//! the reader's Release unpin/leave, so every access the reader made happens-before the
-//! retirement of the mapping.
+//! Every "store mine, fence, load yours" above is one half of a Dekker handshake. The fence is
+//! asymmetric (`sync.rs`): on the reader's side a compiler barrier (`light_fence`), on the
+//! invalidator's side a full fence followed by `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`
+//! (`heavy_fence`), which makes every running thread of the process execute a full barrier before
+//! it returns. So, as with two `fence(SeqCst)`: either the reader's store is visible to the
+//! invalidator's load, or the reader's load comes after the barrier and sees the invalidator's
+//! store; at least one side sees the other. Readers run in every batch, invalidations are rare:
+//! the cost is on the rare side. (Without membarrier both halves are `fence(SeqCst)`; loom models
+//! them as such, which is what membarrier guarantees on every thread. Fences rather than SeqCst
+//! accesses: on x86 a plain store plus a fence is the cheapest form, and the form loom models.)
+//! The invalidator clears every cache it must, then issues one barrier for all the gates. Its
+//! waits then use Acquire loads that pair with the reader's Release unpin/leave, so every access
+//! the reader made happens-before the retirement of the mapping.
 //!
 //! # The race it prevents (the 2019 kernel series had no collision-retry)
 //!
@@ -73,8 +78,11 @@
 //! takes while it waits. Readers never wait for the invalidator: a fill that collides falls back
 //! to the translating path for that batch.
 
-use crate::sync::{fence, futex_wait, futex_wake, wait_step, yield_now, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex};
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use crate::sync::{
+    futex_wait, futex_wake, heavy_fence, init_asymmetric, light_fence, wait_step, yield_now, Arc, AtomicBool,
+    AtomicU32, AtomicU64, Mutex,
+};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 /// The most translations one gate's cache holds (a split ring has 3, a packed ring 3).
 pub const MAX_CACHED: usize = 4;
@@ -149,7 +157,7 @@ impl Gate {
         // fence, load `state`" (`invalidate_start`, `quiesce`, `wait_batch_boundary`): either
         // the invalidator sees this batch as active and waits for it, or this load sees the cache
         // cleared (and any flag stored before the invalidator's fence).
-        fence(SeqCst);
+        light_fence();
         self.cache_valid.load(Relaxed)
     }
 
@@ -163,7 +171,7 @@ impl Gate {
         self.state.store(s.wrapping_add(1), Release);
         // Dekker with `wait_batch_boundary`'s "waiters += 1, fence, load `state`, sleep": either
         // the sleeper sees the new state and does not sleep, or this load sees it and wakes it.
-        fence(SeqCst);
+        light_fence();
         if self.waiters.load(Relaxed) != 0 {
             futex_wake(&self.state);
             // When busy readers fill every core, the woken invalidator has no core to run on
@@ -182,7 +190,7 @@ impl Gate {
         pin.fetch_add(1, Relaxed);
         // The reader's half of the Dekker handshake with the invalidator's "`retiring = true`,
         // fence, load `pins`" in `invalidate_start`.
-        fence(SeqCst);
+        light_fence();
         // Acquire: pairs with the Release store of `retiring`, so the map the caller looks up
         // next is the one published before it.
         if tag.retiring.load(Acquire) {
@@ -236,7 +244,7 @@ impl Gate {
         // read_retry: the reader's half of the Dekker handshake with the invalidator's
         // "`seq += 1`, fence, load `cache_valid`": either the invalidator sees this cache and
         // invalidates it (waiting for the batch), or this load sees `seq` moved.
-        fence(SeqCst);
+        light_fence();
         if domain.seq.load(Relaxed) != seq {
             self.cache_valid.store(false, Relaxed);
             return false;
@@ -261,7 +269,13 @@ impl Gate {
     pub fn wait_batch_boundary(&self) {
         // The invalidator's half of the Dekker handshake in `enter`: whatever the caller stored
         // before this fence is seen by a batch that this load does not see active.
-        fence(SeqCst);
+        heavy_fence();
+        self.wait_batch_boundary_fenced();
+    }
+
+    /// [`Gate::wait_batch_boundary`] for a caller that has run [`heavy_fence`] after its last
+    /// store that batches must see (one barrier for many gates).
+    fn wait_batch_boundary_fenced(&self) {
         // Acquire even for this first load: if it reads the `leave` of a batch that has already
         // ended, that batch's accesses must happen-before what the caller does next (loom found
         // the Relaxed version of this load wanting: an ended batch's write escaped the dirty log).
@@ -283,7 +297,7 @@ impl Gate {
                 continue;
             }
             self.waiters.fetch_add(1, Relaxed);
-            fence(SeqCst);
+            heavy_fence();
             if self.state.load(Relaxed) == s {
                 futex_wait(&self.state, s);
             }
@@ -297,6 +311,16 @@ impl Gate {
     pub fn quiesce(&self) {
         self.cache_valid.store(false, Relaxed);
         self.wait_batch_boundary();
+    }
+
+    /// Clears the cache if it is valid and uses one of `ids`; says whether it did.
+    fn clear_cache_using(&self, ids: &[u64]) -> bool {
+        if self.cache_uses(ids) {
+            // Relaxed: the caller's barrier orders it before its load of `state`.
+            self.cache_valid.store(false, Relaxed);
+            return true;
+        }
+        false
     }
 
     fn cache_uses(&self, ids: &[u64]) -> bool {
@@ -318,9 +342,10 @@ impl Gate {
         if pin.load(Acquire) == 0 {
             return;
         }
-        // Batch pins go when the batch ends, so wait for that on the futex first; what remains
-        // is held by I/O in flight, which is polled.
-        self.wait_batch_boundary();
+        // Batch pins go when the batch ends, so wait for that on the futex first (nothing stored
+        // here needs a new batch to see it: no barrier); what remains is held by I/O in flight,
+        // which is polled.
+        self.wait_batch_boundary_fenced();
         let mut round = 0;
         // Acquire: pairs with the Release in `unpin`.
         while pin.load(Acquire) != 0 {
@@ -347,6 +372,9 @@ pub struct Domain {
 impl Domain {
     /// A domain whose regions use slots `0..num_slots`.
     pub fn new(num_slots: usize) -> Self {
+        // Before any reader of this domain exists: readers rely on the invalidator's membarrier
+        // from their first batch.
+        init_asymmetric();
         Self { seq: AtomicU64::new(0), num_slots, gates: Mutex::new(Vec::new()) }
     }
 
@@ -388,17 +416,32 @@ impl Domain {
         for tag in tags {
             tag.retiring.store(true, Release);
         }
-        // The invalidator's half of two Dekker handshakes: with `publish_cache` (it stored
-        // `cache_valid`, fenced, loads `seq`; we stored `seq`, fence, load `cache_valid`) and
-        // with `pin` (it stored `pins`, fenced, loads `retiring`; we stored `retiring`, fence,
-        // load `pins`).
-        fence(SeqCst);
         let ids: Vec<u64> = tags.iter().map(|t| t.id).collect();
-        for gate in self.gates() {
-            if gate.cache_uses(&ids) {
-                // `wait_batch_boundary` fences after this store: the handshake with `enter`.
-                gate.cache_valid.store(false, Relaxed);
-                gate.wait_batch_boundary();
+        let gates = self.gates();
+        // Caches that use a retired region are cleared before the barrier below, so that one
+        // barrier serves three handshakes (one `membarrier` per invalidation in the common case):
+        // with `enter` (it stored `state`, fenced, loads `cache_valid`; we stored `cache_valid`,
+        // fence, load `state`), with `pin` (it stored `pins`, fenced, loads `retiring`; we stored
+        // `retiring`, fence, load `pins`) and with `publish_cache` (it stored `cache_valid`,
+        // fenced, loads `seq`; we stored `seq`, fence, load `cache_valid` below).
+        let mut caching: Vec<bool> = gates.iter().map(|gate| gate.clear_cache_using(&ids)).collect();
+        heavy_fence();
+        // A cache published before the barrier and not seen above (its store was still on its
+        // way) is seen now; it must be cleared too, and that clearing needs its own barrier
+        // before `state` is looked at. Rare: a fill that raced with this invalidation.
+        let mut again = false;
+        for (gate, caching) in gates.iter().zip(caching.iter_mut()) {
+            if gate.clear_cache_using(&ids) {
+                *caching = true;
+                again = true;
+            }
+        }
+        if again {
+            heavy_fence();
+        }
+        for (gate, caching) in gates.iter().zip(caching) {
+            if caching {
+                gate.wait_batch_boundary_fenced();
             }
             for tag in tags {
                 gate.wait_unpinned(tag.slot);
@@ -410,16 +453,22 @@ impl Domain {
     /// Invalidator: waits for every batch in progress to end, after the caller has changed a
     /// SeqCst flag that batches read after `enter` (logging switched on, say).
     pub fn quiesce_all(&self) {
+        heavy_fence();
         for gate in self.gates() {
-            gate.wait_batch_boundary();
+            gate.wait_batch_boundary_fenced();
         }
     }
 
     /// Invalidator: [`Gate::quiesce`] on every gate: no cached translation of any queue is used
     /// again, and every batch in progress has ended (the way addresses translate changed).
     pub fn quiesce_all_caches(&self) {
-        for gate in self.gates() {
-            gate.quiesce();
+        let gates = self.gates();
+        for gate in &gates {
+            gate.cache_valid.store(false, Relaxed);
+        }
+        heavy_fence();
+        for gate in &gates {
+            gate.wait_batch_boundary_fenced();
         }
     }
 

@@ -15,6 +15,80 @@ pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
 #[cfg(not(vireo_loom))]
 pub(crate) use std::sync::{Arc, Mutex};
 
+/// The reader's half of an asymmetric barrier ([`heavy_fence`] is the other): where the
+/// protocol's readers would put `fence(SeqCst)` in a "store mine, fence, load yours" handshake.
+///
+/// With `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` registered, this is only a compiler
+/// barrier, and the invalidator pays for both sides: its `membarrier` makes every thread of the
+/// process that is running execute a full barrier (an IPI), so of the reader's "store, load" and
+/// the invalidator's "store, membarrier, load", one sees the other, as with two fences (the
+/// argument of liburcu's "memb" flavour and folly's `asymmetricLightBarrier`). Readers run in
+/// every batch and invalidations are rare: the cost moves to the rare side. Where the kernel
+/// refuses the registration both sides use `fence(SeqCst)`.
+///
+/// Under loom both halves are `fence(SeqCst)`: the model treats the membarrier as a fence
+/// executed by every thread at that point, which is what it guarantees.
+#[inline(always)]
+pub(crate) fn light_fence() {
+    #[cfg(vireo_loom)]
+    fence(std::sync::atomic::Ordering::SeqCst);
+    #[cfg(not(vireo_loom))]
+    {
+        if ASYMMETRIC.load(std::sync::atomic::Ordering::Relaxed) {
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        } else {
+            fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// The invalidator's half of the asymmetric barrier (see [`light_fence`]): a full fence, then,
+/// when registered, `membarrier`, which returns only after every running thread of the process
+/// has executed a full barrier.
+pub(crate) fn heavy_fence() {
+    fence(std::sync::atomic::Ordering::SeqCst);
+    #[cfg(not(vireo_loom))]
+    if ASYMMETRIC.load(std::sync::atomic::Ordering::Relaxed)
+        && rustix::thread::membarrier(rustix::thread::MembarrierCommand::PrivateExpedited).is_err()
+    {
+        // Registered, so it cannot fail; were it to, no reader may rely on it any more. Readers
+        // that already skipped their fence are covered by nothing: stop the process rather than
+        // run on unsound ground.
+        std::process::abort();
+    }
+}
+
+/// Whether readers may rely on [`heavy_fence`]'s membarrier (set once, never cleared).
+#[cfg(not(vireo_loom))]
+static ASYMMETRIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Registers the process for expedited private membarriers, once, before the first domain has
+/// readers: from then on readers use compiler barriers. `VIREO_MEMBARRIER=off` keeps full
+/// fences on both sides (to measure the difference).
+pub(crate) fn init_asymmetric() {
+    #[cfg(not(vireo_loom))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if std::env::var("VIREO_MEMBARRIER").is_ok_and(|v| v == "off") {
+                return;
+            }
+            let ok = rustix::thread::membarrier(rustix::thread::MembarrierCommand::RegisterPrivateExpedited).is_ok();
+            // Release (and the Once): a thread that later uses a gate of a domain made after
+            // this sees the flag.
+            ASYMMETRIC.store(ok, std::sync::atomic::Ordering::Release);
+        });
+    }
+}
+
+/// Whether the readers' barriers are compiler barriers (membarrier registered).
+pub fn asymmetric_fences() -> bool {
+    #[cfg(not(vireo_loom))]
+    return ASYMMETRIC.load(std::sync::atomic::Ordering::Acquire);
+    #[cfg(vireo_loom)]
+    false
+}
+
 /// One step of a bounded wait on another thread.
 ///
 /// The invalidating side calls this while it waits for a batch to end or for pins to drop; it never
