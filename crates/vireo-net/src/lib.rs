@@ -163,7 +163,10 @@ impl NetDevice {
 
 impl Device for NetDevice {
     fn features(&self) -> u64 {
-        let mut bits = f::MRG_RXBUF | f::STATUS;
+        // IN_ORDER: every port completes chains in the order it takes them (none is held while
+        // another is completed; one given back is taken again before those after it), which lets
+        // a driver reclaim by index alone (DPDK's in-order paths).
+        let mut bits = f::MRG_RXBUF | f::STATUS | vireo_wire::features::IN_ORDER;
         if self.cfg.queue_pairs > 1 {
             bits |= f::MQ;
         }

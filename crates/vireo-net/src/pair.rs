@@ -208,6 +208,9 @@ fn read_head(bufs: &[Buffer<'_>], out: &mut [u8]) {
 /// other.
 const SINK_BURST: usize = 32;
 
+/// How many buffers ahead of the one being read the sink prefetches.
+const PREFETCH_AHEAD: usize = 6;
+
 /// The sink's work on one chain (`bufs`, its buffers): every byte of the frame read (summed),
 /// the frame counted.
 fn consume(bufs: &[Buffer<'_>], readable: u32, hdr_len: usize, features: u64, max: usize, local: &mut Local) {
@@ -256,20 +259,20 @@ fn sink_pass<'b>(
     loop {
         bufs.clear();
         taken.clear();
-        while taken.len() < SINK_BURST {
-            match qb.pop_buffers(bufs)? {
-                Some(p) => taken.push(p),
-                None => break,
-            }
-        }
-        if taken.is_empty() {
+        if qb.pop_burst(SINK_BURST, bufs, taken)? == 0 {
             return Ok(worked);
         }
-        for b in bufs.iter() {
+        // Prefetched a few chains ahead of the one being read: enough to overlap the misses,
+        // few enough not to stall on the CPU's outstanding-miss limit.
+        let mut ahead = bufs.iter();
+        for b in ahead.by_ref().take(PREFETCH_AHEAD) {
             b.slice.prefetch(hdr_len + 128);
         }
         let mut at = 0;
         for p in taken.iter() {
+            for b in ahead.by_ref().take(p.buffers) {
+                b.slice.prefetch(hdr_len + 128);
+            }
             consume(&bufs[at..at + p.buffers], p.readable, hdr_len, features, max, local);
             at += p.buffers;
         }
@@ -450,6 +453,7 @@ impl Pair {
         rx.take_kick();
         let (frame, hdr_len, local) = (&self.source, self.hdr_len, &mut self.rx);
         let r = rx.serve(spin, |qb, _| {
+            qb.set_prefetch(true);
             let mut worked = false;
             loop {
                 // Split rings of single buffers (what drivers post for receiving): one loop from

@@ -40,6 +40,12 @@ impl<'b, 'q> Windowed<'b, 'q> {
         Self { mem, window: mem.window() }
     }
 
+    /// The window buffers are translated through now.
+    #[inline(always)]
+    pub fn window(&self) -> &Window<'b> {
+        &self.window
+    }
+
     /// `len` bytes at `addr` for a buffer the device writes (`writable`) or reads, as a piece in
     /// one region with that right.
     #[inline(always)]
@@ -58,6 +64,30 @@ impl<'b, 'q> Windowed<'b, 'q> {
         let p = self.mem.translate_piece(GuestPhysAddr::new(addr), u64::from(len), access(writable), false).ok()?;
         self.window = self.mem.window();
         Some(p)
+    }
+}
+
+/// How many chains ahead of the one being walked the batch loops prefetch buffers, when asked
+/// to (`QueueBatch::set_prefetch`).
+pub(crate) const PREFETCH_AHEAD: u16 = 4;
+
+/// Prefetches the buffer of the descriptor whose words are `lo` and `hi` (as the ring holds them,
+/// little endian; `flags_shift` where its flags are in `hi`: 32 split, 48 packed), if it lies in
+/// the window. A hint about a descriptor the driver may still be writing: nothing is checked but
+/// that the address is in the window, nothing is read from it, and it cannot fault.
+#[inline(always)]
+pub(crate) fn prefetch_desc(window: &Window<'_>, lo: u64, hi: u64, flags_shift: u32) {
+    let (addr, hi) = (u64::from_le(lo), u64::from_le(hi));
+    // The low 32 bits are the length, the flags the 16 at `flags_shift`.
+    #[allow(clippy::cast_possible_truncation)]
+    let (len, flags) = (hi as u32, (hi >> flags_shift) as u16);
+    let writable = flags & DESC_F_WRITE != 0;
+    if let Some(p) = window.translate_for(GuestPhysAddr::new(addr), len.min(128), writable) {
+        if writable {
+            p.slice.prefetch_write(128);
+        } else {
+            p.slice.prefetch(128);
+        }
     }
 }
 

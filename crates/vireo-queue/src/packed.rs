@@ -73,7 +73,19 @@ impl QueueBatch<'_, '_> {
         let mut completed = 0u16;
         // Both positions are below the size (`set_state`, `advance`); checked again here, where
         // the used descriptor is written through a raw pointer.
+        let prefetch = self.prefetch;
         while popped < max && next_avail < size && next_used < size {
+            if prefetch {
+                let ahead = next_avail + cached::PREFETCH_AHEAD;
+                let slot = if ahead >= size { ahead % size } else { ahead };
+                // SAFETY: slot < size, and the ring's view holds 16 * size bytes from a 16-aligned
+                // base, mapped for the batch: both words of the descriptor are inside it.
+                let (lo, hi) = unsafe {
+                    let p = ring.add(16 * usize::from(slot)).cast::<u64>();
+                    (p.read_volatile(), p.add(1).read_volatile())
+                };
+                cached::prefetch_desc(win.window(), lo, hi, 48);
+            }
             // SAFETY: next_avail < size and the ring's view holds 16 * size bytes from a 16-aligned
             // base, mapped for the batch: the head's flags (offset 14) are inside it, aligned; an
             // atomic reference for one load, as in `Direct::load_u16`.

@@ -114,6 +114,10 @@ pub struct Queue {
     inflight_features: u64,
     /// The most chains one batch takes (`Queue::set_batch_limit`).
     batch_limit: u32,
+    /// Notifications as the device last asked for them (`Some(true)`: off), so that a polling
+    /// device does not write the same flag into the ring at every batch (a store to the line the
+    /// driver reads the used index from).
+    notify_off: Option<bool>,
 }
 
 /// The most chains one batch takes by default. A batch holds off every invalidation that needs
@@ -171,6 +175,7 @@ impl Queue {
             packed_inflight: None,
             inflight_features: 0,
             batch_limit: DEFAULT_BATCH_LIMIT,
+            notify_off: None,
         })
     }
 
@@ -207,6 +212,7 @@ impl Queue {
             Kind::Packed { first_used_flags } => *first_used_flags = None,
         }
         self.signalled = self.state.next_used;
+        self.notify_off = None;
         Ok(())
     }
 
@@ -367,6 +373,8 @@ impl Queue {
             batch_used_start: 0,
             budget: self.batch_limit,
             exhausted: false,
+            notify_off: &mut self.notify_off,
+            prefetch: false,
             logging: mb.logging(),
             inflight: self.inflight.as_deref_mut(),
             packed_inflight: self.packed_inflight.as_deref_mut(),

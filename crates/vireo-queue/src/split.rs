@@ -78,14 +78,17 @@ impl<'b> QueueBatch<'b, '_> {
         let (mem, size) = (self.mem, self.cfg.size);
         let rings = SinglesRings { avail: d.base(Area::Driver), desc: d.base(Area::Desc), used: d.base(Area::Device) };
         let start = self.state.next_used;
-        // Two copies of the loop: the one without logging has no logging test in it.
-        let (i, log_error) = if self.logging {
-            // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
-            // checked their lengths and alignment); n <= size entries are available.
-            unsafe { complete_singles_loop::<true, _>(rings, mem, size, next, start, n, &mut f) }
-        } else {
-            // SAFETY: as above.
-            unsafe { complete_singles_loop::<false, _>(rings, mem, size, next, start, n, &mut f) }
+        // Four copies of the loop: the one without logging has no logging test in it, the one
+        // without prefetching no prefetch.
+        // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
+        // checked their lengths and alignment); n <= size entries are available.
+        let (i, log_error) = unsafe {
+            match (self.logging, self.prefetch) {
+                (true, true) => complete_singles_loop::<true, true, _>(rings, mem, size, next, start, n, &mut f),
+                (true, false) => complete_singles_loop::<true, false, _>(rings, mem, size, next, start, n, &mut f),
+                (false, true) => complete_singles_loop::<false, true, _>(rings, mem, size, next, start, n, &mut f),
+                (false, false) => complete_singles_loop::<false, false, _>(rings, mem, size, next, start, n, &mut f),
+            }
         };
         // i <= size fits u16.
         let k = i as u16;
@@ -129,13 +132,15 @@ impl<'b> QueueBatch<'b, '_> {
         let rings = SinglesRings { avail: d.base(Area::Driver), desc: d.base(Area::Desc), used: d.base(Area::Device) };
         let start = self.state.next_used;
         let segs = &mut *self.segs;
-        let (popped, completed, log_error) = if self.logging {
-            // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
-            // checked their lengths and alignment); n <= size entries are available.
-            unsafe { split_each_loop::<true, _>(rings, mem, size, next, start, n, segs, f) }
-        } else {
-            // SAFETY: as above.
-            unsafe { split_each_loop::<false, _>(rings, mem, size, next, start, n, segs, f) }
+        // SAFETY: `rings` are the views of a cached split ring of `size` entries (Direct::new
+        // checked their lengths and alignment); n <= size entries are available.
+        let (popped, completed, log_error) = unsafe {
+            match (self.logging, self.prefetch) {
+                (true, true) => split_each_loop::<true, true, _>(rings, mem, size, next, start, n, segs, f),
+                (true, false) => split_each_loop::<true, false, _>(rings, mem, size, next, start, n, segs, f),
+                (false, true) => split_each_loop::<false, true, _>(rings, mem, size, next, start, n, segs, f),
+                (false, false) => split_each_loop::<false, false, _>(rings, mem, size, next, start, n, segs, f),
+            }
         };
         // Both counts are at most n <= size, which fits u16.
         self.state.next_avail = next.wrapping_add(popped as u16);
@@ -202,7 +207,7 @@ pub(crate) struct SinglesRings {
 /// (16-aligned), a used ring of 6 + 8 * size (4-aligned); `n <= size`.
 #[inline(always)]
 #[allow(clippy::cast_possible_truncation)] // counts below size <= 32768
-unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) -> u32>(
+unsafe fn complete_singles_loop<'b, const LOGGING: bool, const PREFETCH: bool, F: FnMut(Single<'b>) -> u32>(
     rings: SinglesRings,
     mem: &'b Batch<'_>,
     size: u16,
@@ -224,6 +229,10 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
         let (mut pa, mut pu) =
             unsafe { (rings.avail.add(4 + 2 * a).cast::<u16>(), rings.used.add(4 + 8 * u).cast::<u32>()) };
         for _ in 0..run {
+            if PREFETCH {
+                // SAFETY: as `prefetch_split_ahead` requires (the function's own contract).
+                unsafe { prefetch_split_ahead(rings, size, next.wrapping_add(i as u16), &window) };
+            }
             // SAFETY: inside the run (above); any bytes the guest left are a u16.
             let head = u16::from_le(unsafe { pa.read_volatile() });
             if head >= size {
@@ -282,7 +291,7 @@ unsafe fn complete_singles_loop<'b, const LOGGING: bool, F: FnMut(Single<'b>) ->
 /// As for `complete_singles_loop`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u32>>(
+unsafe fn split_each_loop<const LOGGING: bool, const PREFETCH: bool, F: FnMut(&Chain<'_>) -> Option<u32>>(
     rings: SinglesRings,
     mem: &Batch<'_>,
     size: u16,
@@ -306,6 +315,13 @@ unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u3
     let mut win = cached::Windowed::new(mem);
     let (mut popped, mut completed) = (0usize, 0u16);
     while popped < n {
+        if PREFETCH {
+            // Counts below the size, which fits u16.
+            #[allow(clippy::cast_possible_truncation)]
+            let at = next.wrapping_add(popped as u16);
+            // SAFETY: as `prefetch_split_ahead` requires (the function's own contract).
+            unsafe { prefetch_split_ahead(rings, size, at, win.window()) };
+        }
         // SAFETY: pa points at an entry of the available ring (wrapped below); any bytes the guest
         // left are a u16.
         let head = u16::from_le(unsafe { pa.read_volatile() });
@@ -339,6 +355,28 @@ unsafe fn split_each_loop<const LOGGING: bool, F: FnMut(&Chain<'_>) -> Option<u3
         completed += 1;
     }
     (popped, completed, None)
+}
+
+/// Prefetches the buffer of the chain `PREFETCH_AHEAD` available entries after entry `at`, if
+/// its head descriptor's buffer lies in `window` (see `cached::prefetch_desc`: a hint, nothing
+/// checked or read).
+///
+/// # Safety
+/// `rings` are the bases of a split ring of `size` entries (a power of two), mapped for the
+/// batch the window belongs to.
+#[inline(always)]
+unsafe fn prefetch_split_ahead(rings: SinglesRings, size: u16, at: u16, window: &vireo_memory::Window<'_>) {
+    let slot = usize::from(at.wrapping_add(cached::PREFETCH_AHEAD) & (size - 1));
+    // SAFETY: slot < size: the entry at 4 + 2 * slot is inside the available ring, aligned.
+    let head = u16::from_le(unsafe { rings.avail.add(4 + 2 * slot).cast::<u16>().read_volatile() });
+    if head < size {
+        // SAFETY: head < size: both words of entry `head` are inside the 16-aligned table.
+        let (lo, hi) = unsafe {
+            let p = rings.desc.add(16 * usize::from(head)).cast::<u64>();
+            (p.read_volatile(), p.add(1).read_volatile())
+        };
+        cached::prefetch_desc(window, lo, hi, 32);
+    }
 }
 
 /// A single buffer outside the window: translated through the batch, and the window moved.

@@ -17,6 +17,8 @@ pub const VERSION_1: u64 = bit(vcfg::VIRTIO_F_VERSION_1);
 pub const ACCESS_PLATFORM: u64 = bit(vcfg::VIRTIO_F_ACCESS_PLATFORM);
 /// VIRTIO_F_RING_PACKED (34).
 pub const RING_PACKED: u64 = bit(vcfg::VIRTIO_F_RING_PACKED);
+/// VIRTIO_F_IN_ORDER (35): the device uses buffers in the order they were made available.
+pub const IN_ORDER: u64 = bit(vcfg::VIRTIO_F_IN_ORDER);
 /// VIRTIO_RING_F_INDIRECT_DESC (28).
 pub const INDIRECT_DESC: u64 = bit(vring::VIRTIO_RING_F_INDIRECT_DESC);
 /// VIRTIO_RING_F_EVENT_IDX (29).
