@@ -40,7 +40,7 @@ ensure_tools() {
 }
 
 ensure_kernel() {
-  [ -f "$CACHE/vmlinux" ] && [ -d "$CACHE/modules" ] && return
+  [ -f "$CACHE/vmlinux" ] && [ -f "$CACHE/modules/virtio_net.ko" ] && return
   say "fetching the Debian guest kernel"
   local pkg
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
@@ -57,12 +57,13 @@ blob = open(sys.argv[1], "rb").read()
 start = blob.find(b"\xfd7zXZ\x00")
 open(sys.argv[2], "wb").write(lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(blob[start:]))
 PY
-  mkdir -p "$CACHE/modules"
+  rm -rf "$CACHE/modules" && mkdir -p "$CACHE/modules"
   local m="$CACHE/kpkg/root/lib/modules/$kver/kernel"
   : > "$CACHE/modules/order"
   # No modprobe in the guest: load in dependency order.
   for mod in drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_modern_dev.ko \
-             drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko; do
+             drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
+             net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko; do
     if [ -f "$m/$mod" ]; then cp "$m/$mod" "$CACHE/modules/"; basename "$mod" >> "$CACHE/modules/order"; fi
   done
   rm -rf "$CACHE/kpkg"

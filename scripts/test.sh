@@ -10,6 +10,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy (-D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== DPDK (Debian's dpdk-dev: testpmd and libdpdk, the frontend of the net interop tests)"
+if ! command -v dpdk-testpmd >/dev/null || ! pkg-config --exists libdpdk 2>/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpdk-dev pkg-config gcc >/dev/null
+fi
+
 echo "== tests (profile ci: optimized, with overflow checks and debug assertions)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --cargo-profile ci --no-fail-fast

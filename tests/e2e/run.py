@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End-to-end tests: Linux guests under QEMU (TCG) whose disk is served by `vireo blk`.
+"""End-to-end tests: Linux guests under QEMU (TCG) whose disk is served by `vireo blk` (here) or
+whose network card is served by `vireo net` (net.py).
 
 Each test starts its own `vireo blk` and QEMU in a scratch directory, drives the guest through
 a /test.sh appended to the demo's initramfs (scripts/demo.sh --prepare builds it), talks to
@@ -17,38 +18,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CACHE = os.environ.get("VIREO_DEMO_CACHE", os.path.join(ROOT, "target", "demo"))
-VIREO = os.path.join(ROOT, "target", "release", "vireo")
-
-
-class Qmp:
-    """A minimal QMP client: one command at a time, events skipped."""
-
-    def __init__(self, path, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.file.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.file.flush()
-        while True:
-            msg = json.loads(self.file.readline())
-            if "return" in msg:
-                return msg["return"]
-            if "error" in msg:
-                raise RuntimeError(f"QMP {name}: {msg['error']}")
+from common import CACHE, ROOT, VIREO, Qmp
+from net import NET_TESTS
 
 
 class Run:
@@ -510,7 +481,7 @@ echo "GUEST: IOMMU $(ls /sys/class/iommu/)"
 
 TESTS = {"read_only": test_read_only, "packed": test_packed, "hotplug": test_hotplug, "migration": test_migration,
          "reconnect": test_reconnect, "reconnect_packed": lambda: test_reconnect(packed=True),
-         "viommu": test_viommu}
+         "viommu": test_viommu, **NET_TESTS}
 
 
 GUEST_BENCH = "#!/bin/sh\n" + r'''

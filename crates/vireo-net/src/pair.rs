@@ -67,6 +67,8 @@ struct RxSet {
     start: AvailPosition,
     /// Writable bytes of all of them.
     capacity: usize,
+    /// The ring ran out before `capacity` reached what was asked for (with mergeable buffers).
+    partial: bool,
 }
 
 /// The pair's handler.
@@ -301,9 +303,10 @@ fn fill_single(s: &Single<'_>, frame: &[u8], hdr_len: usize, local: &mut Local) 
 }
 
 /// Pops receive chains until their writable bytes reach `need` (one chain without mergeable
-/// buffers). `None` when the ring ran out first: everything taken is given back. A chain with no
-/// writable buffer (the guest's error) is completed empty, with those taken before it for this
-/// frame, and counted.
+/// buffers). When the ring runs out first the chains taken so far are returned as `partial`
+/// (given back at once if the batch stopped at its bound rather than at the ring's end); `None`
+/// when there were none. A chain with no writable buffer (the guest's error) is completed empty,
+/// with those taken before it for this frame, and counted.
 fn take_rx<'b>(
     qb: &mut QueueBatch<'b, '_>,
     bufs: &mut Vec<Buffer<'b>>,
@@ -318,8 +321,11 @@ fn take_rx<'b>(
     let mut capacity = 0usize;
     loop {
         let Some(p) = qb.pop_buffers(bufs)? else {
-            qb.rewind(start)?;
-            return Ok(None);
+            if chains.is_empty() || qb.exhausted() {
+                qb.rewind(start)?;
+                return Ok(None);
+            }
+            return Ok(Some(RxSet { start, capacity, partial: true }));
         };
         let first = bufs.len() - p.buffers;
         if p.writable == 0 {
@@ -343,7 +349,7 @@ fn take_rx<'b>(
         });
         capacity += p.writable as usize;
         if capacity >= need || !mrg || bufs.len() >= MAX_RX_IOVECS {
-            return Ok(Some(RxSet { start, capacity }));
+            return Ok(Some(RxSet { start, capacity, partial: false }));
         }
     }
 }
@@ -548,19 +554,23 @@ impl Pair {
             Ok(Pass::done(worked))
         });
         self.tx_blocked = r.blocked;
+        if self.tx_blocked {
+            tracing::debug!(pair = self.pair, "tap full: waiting for room");
+        }
         Progress { worked: r.worked, again: r.again }
     }
 
     /// The tap's receive side: the tap read straight into receive chains popped for the read.
     fn tap_rx(&mut self, rx: &mut Ring, tap: &Tap, spin: bool, events: &Events) -> Progress {
-        if rx.take_kick() {
+        let kicked = rx.take_kick();
+        if kicked {
             self.rx_starved = false;
         }
         let poll = spin || rx.is_polled();
         if self.rx_starved && !poll {
             return Progress::default();
         }
-        if !poll && !events.readable(0) && !self.rx_starved {
+        if !poll && !events.readable(0) && !kicked {
             // Woken for another reason (a transmit kick): the tap has nothing for us, or the
             // worker would have said so.
             return Progress::default();
@@ -578,6 +588,11 @@ impl Pair {
             let mut iov: Vec<libc::iovec> = Vec::new();
             let mut sentinel = [0u8; 1];
             loop {
+                // With fewer buffers posted than the largest frame needs, the read goes ahead into
+                // those: the tap cannot say how long its next frame is, and a guest refills its
+                // ring only after it receives, so waiting for room for the largest frame could
+                // wait for ever. A frame longer than the buffers is dropped, as a NIC whose ring
+                // is short drops it.
                 let Some(set) = take_rx(qb, &mut bufs, chains, need, mrg, local)? else {
                     starved = !qb.exhausted();
                     break;
@@ -624,6 +639,9 @@ impl Pair {
         // The ring ran dry with the tap not known empty: wait for buffers (the ring's kick, asked
         // for by `serve`), and stop polling the tap meanwhile.
         self.rx_starved = starved && !r.blocked;
+        if self.rx_starved {
+            tracing::debug!(pair = self.pair, "receive ring without room for a frame: waiting for buffers");
+        }
         Progress { worked: r.worked, again: r.again }
     }
 
@@ -668,7 +686,18 @@ impl Pair {
                         let (dst, src) = scratch[hdr_len..hdr_len + 12].split_at_mut(6);
                         dst.swap_with_slice(src);
                         let set = match take_rx(rqb, &mut rbufs, chains, scratch.len(), mrg, rx_local) {
-                            Ok(Some(set)) => set,
+                            Ok(Some(set)) if !(set.partial && set.capacity < scratch.len()) => set,
+                            Ok(Some(set)) => {
+                                // Not enough buffers for this frame yet: it waits in the transmit
+                                // ring for more.
+                                if let Err(e) = rqb.rewind(set.start) {
+                                    rx_error = Some(e);
+                                    break;
+                                }
+                                tqb.rewind(tpos)?;
+                                starved = true;
+                                break;
+                            }
                             Ok(None) => {
                                 // No receive buffer: the frame waits in the transmit ring.
                                 tqb.rewind(tpos)?;

@@ -570,10 +570,16 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     fn enable_notification_inner(&mut self) -> Result<bool, QueueError> {
         let size = self.cfg.size;
         match self.kind {
-            Kind::Split { .. } => {
+            Kind::Split { avail_shadow, .. } => {
+                // The event is the driver's index as last read, not the device's position: a
+                // device that left buffers available (given back, or too few for its need) is
+                // kicked when more come, and a driver past the device's position but not past what
+                // it has seen would otherwise never kick (its next index never crosses an event
+                // behind it). With nothing left behind the two are the same.
+                let seen = *avail_shadow;
                 if self.cfg.event_idx {
                     let off = 4 + 8 * usize::from(size);
-                    with_access!(self, r => r.write::<u16>(Area::Device, off, self.state.next_avail.to_le()))?;
+                    with_access!(self, r => r.write::<u16>(Area::Device, off, seen.to_le()))?;
                     self.log_ring(Area::Device, off, 2)?;
                 } else {
                     with_access!(self, r => r.store_u16(Area::Device, 0, 0, Ordering::Relaxed))?;
@@ -585,12 +591,24 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     // other.
                     fence(Ordering::SeqCst);
                     let idx = u16::from_le(r.load_u16(Area::Driver, 2, Ordering::Acquire)?);
-                    Ok(idx != self.state.next_avail)
+                    Ok(idx != seen)
                 })
             }
             Kind::Packed { .. } => {
+                // The event descriptor is the first one not available after the device's
+                // position (the same when nothing was left behind), for the reason above.
+                let mut probe = *self.state;
+                for _ in 0..size {
+                    if with_access!(self, r => packed_available(r, size, &probe))?.is_none() {
+                        break;
+                    }
+                    let (next, wrapped) = crate::packed::advance(probe.next_avail, 1, size);
+                    probe.next_avail = next;
+                    probe.avail_wrap ^= wrapped;
+                }
+                let (slot, wrap) = (probe.next_avail, probe.avail_wrap);
                 if self.cfg.event_idx {
-                    let off_wrap = self.state.next_avail | (u16::from(self.state.avail_wrap) << 15);
+                    let off_wrap = slot | (u16::from(wrap) << 15);
                     with_access!(self, r => {
                         r.write::<u16>(Area::Device, 0, off_wrap.to_le())?;
                         r.store_u16(Area::Device, 2, EVENT_DESC.to_le(), Ordering::Release)
@@ -600,11 +618,12 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     with_access!(self, r => r.store_u16(Area::Device, 2, EVENT_ENABLE.to_le(), Ordering::Release))?;
                     self.log_ring(Area::Device, 2, 2)?;
                 }
+                let at = QueueState { next_avail: slot, avail_wrap: wrap, ..*self.state };
                 with_access!(self, r => {
                     // Pairs with the driver's barrier between making a descriptor available and
                     // reading the device event suppression area (2.8.21).
                     fence(Ordering::SeqCst);
-                    packed_available(r, size, self.state).map(|d| d.is_some())
+                    packed_available(r, size, &at).map(|d| d.is_some())
                 })
             }
         }

@@ -105,3 +105,41 @@ fn kick_suppression() {
     s.drv.add(&s.ram, &[s.w]).unwrap();
     assert!(s.drv.publish(&s.ram, false).unwrap());
 }
+
+/// A device that gives buffers back (a receive queue that popped more than a frame needed, or
+/// found too few) asks to be kicked when the driver adds buffers beyond those it has seen, not
+/// beyond its own position: an event behind the driver's index is never crossed again, and the
+/// device would wait for a kick that never comes.
+#[test]
+fn a_device_that_gives_buffers_back_is_kicked_for_new_ones() {
+    let mut s = setup(true);
+    for _ in 0..4 {
+        s.drv.add(&s.ram, &[s.w]).unwrap();
+    }
+    s.drv.publish(&s.ram, true).unwrap();
+    let ((more, ()), _) =
+        s.q.process(|qb| {
+            let start = qb.avail_position();
+            while qb.pop().unwrap().is_some() {}
+            // Not enough for what it needed: all four go back.
+            qb.rewind(start).unwrap();
+            (qb.enable_notification().unwrap(), ())
+        })
+        .unwrap();
+    assert!(!more, "nothing arrived after the four");
+    s.drv.add(&s.ram, &[s.w]).unwrap();
+    assert!(s.drv.publish(&s.ram, true).unwrap(), "the fifth buffer must kick the device");
+    // The five are all there.
+    let (n, _) =
+        s.q.process(|qb| {
+            let mut n = 0;
+            while let Some(c) = qb.pop().unwrap() {
+                let t = c.token();
+                qb.add_used(t, 0).unwrap();
+                n += 1;
+            }
+            n
+        })
+        .unwrap();
+    assert_eq!(n, 5);
+}

@@ -287,6 +287,12 @@ impl WorkerThread {
             }
         }
         tracing::debug!(queue = s.index, polled = ring.polled, "queue started");
+        // One interrupt when a queue starts: a backend that was killed may have published used
+        // elements and died before it signalled them, and a driver that waits for that interrupt
+        // (a transmit queue stopped until its buffers come back) would otherwise wait for ever,
+        // the new backend having nothing to complete. A spurious interrupt costs the driver a look
+        // at its used ring.
+        ring.call().signal();
         g.rings[local] = Some(ring);
         // The first run happens at once: a restarted backend has chains to resubmit (inflight
         // tracking) or buffers made available while no backend listened.
