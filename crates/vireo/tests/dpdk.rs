@@ -197,7 +197,7 @@ fn testpmd_totals(log: &str) -> (u64, u64) {
 fn testpmd(name: &str, sock: &Path, devargs: &str, mode: &str, secs: u64) -> String {
     let prefix = Prefix::new(name);
     let vdev = format!("net_virtio_user0,path={},queues=1{devargs}", sock.display());
-    let mut child = Command::new("dpdk-testpmd")
+    let child = Command::new("dpdk-testpmd")
         .args(["-l", "0,1", "--main-lcore", "1"])
         .args(eal(&prefix, &vdev))
         .args(["--", "--nb-cores=1", "--total-num-mbufs=32768", "--stats-period", "1"])
