@@ -571,6 +571,11 @@ impl BlkDevice {
         Ok(())
     }
 
+    /// Guest RAM (a hostile frontend's tests shrink its files under the backend).
+    pub fn guest_ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
     /// The addresses the device is given for `slot` of queue `q`: header, data and status
     /// (IOVAs behind the vIOMMU).
     pub fn slot_iovas(&self, q: usize, slot: u16) -> (u64, u64, u64) {

@@ -228,7 +228,9 @@ impl GuestMemory {
         invalidation.end();
         self.note_invalidation(started);
         for r in &gone {
-            r.mapping.retire(self.shared.mode);
+            // SAFETY: `invalidate_start` returned: no reader holds or will use a pointer into the
+            // retired regions (the protocol's guarantee), and the regions are out of the map.
+            unsafe { r.mapping.retire(self.shared.mode) };
         }
         release_slots(w, &gone);
         tracing::debug!(retired = gone.len(), "guest memory regions retired");
@@ -266,7 +268,9 @@ impl GuestMemory {
                 self.note_quiesce(started);
                 invalidation.end();
                 self.note_invalidation(started);
-                old.mapping.retire(self.shared.mode);
+                // SAFETY: `invalidate_start` returned: no batch holds the old log any more, and it
+                // is no longer published, so none will pin it again.
+                unsafe { old.mapping.retire(self.shared.mode) };
             }
             None => publish(),
         }
@@ -294,9 +298,19 @@ impl GuestMemory {
         std::time::Duration::from_nanos(self.shared.last_invalidation_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// The dirty log in force (tests read its bits).
-    pub fn dirty_log(&self) -> Option<StdArc<DirtyLog>> {
-        lock(&self.shared.log).clone()
+    /// Runs `f` on the dirty log in force (tests read its bits), with the control side held so
+    /// that no `set_dirty_log` retires it meanwhile; the log cannot be kept past the call.
+    pub fn with_dirty_log<R>(&self, f: impl FnOnce(&DirtyLog) -> R) -> Option<R> {
+        let _w = lock(&self.shared.writer);
+        let log = lock(&self.shared.log).clone()?;
+        Some(f(&log))
+    }
+
+    /// Whether the frontend shrank a file under one of the mappings in force (guest memory or the
+    /// dirty log) and an access faulted past its end (`sigbus.rs`): the connection must end.
+    pub fn poisoned(&self) -> bool {
+        self.map().regions().iter().any(|r| r.mapping.poisoned())
+            || lock(&self.shared.log).as_ref().is_some_and(|l| l.mapping.poisoned())
     }
 
     /// VHOST_F_LOG_ALL on or off. Switching on waits for every batch in progress to end, so that

@@ -37,8 +37,10 @@ pub mod iotlb;
 pub mod map;
 pub mod mmap;
 pub mod protocol;
+mod sigbus;
 pub mod stress;
 mod sync;
+pub use sigbus::poisonings;
 pub use sync::asymmetric_fences;
 
 pub use access::GuestSlice;

@@ -68,6 +68,23 @@ pub fn page_size() -> u64 {
     rustix::param::page_size() as u64
 }
 
+/// The page size of the file behind `fd`: a hugetlbfs file's huge page size (a mapping of it must
+/// start and end on huge page boundaries, and `munmap` of a length that does not refuses), the
+/// base page size for everything else.
+fn file_page_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let st = rustix::fs::fstatfs(fd)?;
+    // The filesystem type fits i64 on every Linux ABI; the block size of hugetlbfs is its page.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    if st.f_type as i64 == HUGETLBFS_MAGIC {
+        let bsize = u64::try_from(st.f_bsize).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if bsize.is_power_of_two() && bsize >= page_size() {
+            return Ok(bsize);
+        }
+    }
+    Ok(page_size())
+}
+
 /// One shared, writable mapping of part of a file descriptor.
 #[derive(Debug)]
 pub struct Mapping {
@@ -80,6 +97,8 @@ pub struct Mapping {
     /// Length of the requested range.
     len: usize,
     retired: AtomicBool,
+    /// Its registration with the SIGBUS handler (`sigbus.rs`): the frontend may shrink the file.
+    guard: Option<crate::sigbus::Guard>,
 }
 
 // SAFETY: a Mapping is an address range owned by this process; nothing in it is tied to a thread.
@@ -97,8 +116,13 @@ impl Mapping {
     ///
     /// A regular file (memfd, hugetlbfs, image) must hold the whole range: touching a page of a
     /// mapping beyond the end of its file raises SIGBUS, so a frontend that names more memory
-    /// than its file has is refused here. (A frontend that shrinks the file afterwards can still
-    /// cause that; the memfd seals that would prevent it are not something QEMU sets.)
+    /// than its file has is refused here. A frontend that shrinks the file afterwards makes the
+    /// pages past the new end fault: the mapping is registered with the SIGBUS handler
+    /// (`sigbus.rs`), which absorbs the fault and marks the mapping poisoned
+    /// ([`Mapping::poisoned`]).
+    ///
+    /// A hugetlbfs file is mapped in whole huge pages (the offset rounded down, the length up): a
+    /// mapping of it that is not cannot be unmapped.
     pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Self> {
         let st = rustix::fs::fstat(fd)?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile {
@@ -107,11 +131,12 @@ impl Mapping {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond the end of the file"));
             }
         }
-        let page = page_size();
+        let page = file_page_size(fd)?;
         let aligned_offset = offset - offset % page;
         let lead = offset - aligned_offset;
         let map_len = lead
             .checked_add(len)
+            .and_then(|l| l.checked_next_multiple_of(page))
             .and_then(|l| usize::try_from(l).ok())
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         let len_usize = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -135,7 +160,17 @@ impl Mapping {
         let lead = usize::try_from(lead).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `lead` is below one page and inside the `map_len` bytes just mapped.
         let data = unsafe { map_base.add(lead) };
-        Ok(Self { map_base, map_len, data, len: len_usize, retired: AtomicBool::new(false) })
+        let guard = crate::sigbus::register(ptr as usize, map_len, usize::try_from(page).unwrap_or(4096));
+        if guard.is_none() {
+            tracing::warn!("too many mappings to guard against a frontend shrinking them");
+        }
+        Ok(Self { map_base, map_len, data, len: len_usize, retired: AtomicBool::new(false), guard })
+    }
+
+    /// Whether the frontend shrank the file under the mapping and an access faulted past its new
+    /// end (the page was replaced with a zero page; see `sigbus.rs`). The connection ends.
+    pub fn poisoned(&self) -> bool {
+        self.guard.as_ref().is_some_and(crate::sigbus::Guard::poisoned)
     }
 
     /// The host address of the first byte of the requested range.
@@ -160,11 +195,16 @@ impl Mapping {
 
     /// Gives the memory back (or fences it off, in the `PROT_NONE` mode).
     ///
-    /// The caller must have proved that no thread will access the range again: this is the last
-    /// step of an invalidation, run after the protocol's quiesce. Calling it twice does nothing.
-    pub fn retire(&self, mode: RetireMode) {
+    /// # Safety
+    /// No thread may access the range again, and no pointer into it may be used: this is the
+    /// last step of an invalidation, run after the protocol's quiesce (`GuestMemory`'s control
+    /// side is the only caller). Calling it twice does nothing.
+    pub(crate) unsafe fn retire(&self, mode: RetireMode) {
         if self.retired.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if let Some(g) = &self.guard {
+            g.release();
         }
         LIVE_MAPPINGS.fetch_sub(1, Ordering::Relaxed);
         let base = self.map_base.as_ptr().cast::<c_void>();

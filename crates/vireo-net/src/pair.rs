@@ -248,8 +248,10 @@ pub(crate) fn recycle<'b>(mut v: Vec<Buffer<'_>>) -> Vec<Buffer<'b>> {
 
 /// The sink's batch: chains taken `SINK_BURST` at a time, their buffers prefetched, then read,
 /// then completed.
+#[allow(clippy::too_many_arguments)]
 fn sink_pass<'b>(
     qb: &mut QueueBatch<'b, '_>,
+    call: &vireo_vhost::Call,
     bufs: &mut Vec<Buffer<'b>>,
     taken: &mut Vec<Popped>,
     hdr_len: usize,
@@ -279,6 +281,9 @@ fn sink_pass<'b>(
             at += p.buffers;
         }
         qb.add_used_many(taken.iter().map(|p| (p.token, 0)))?;
+        // Each burst goes back to the driver at once (as DPDK's vhost returns each dequeue
+        // burst): it can refill while the next one is read.
+        vireo_vhost::publish(qb, call)?;
         worked = true;
     }
 }
@@ -444,9 +449,9 @@ impl Pair {
         tx.take_kick();
         let (hdr_len, features, max, local) = (self.hdr_len, self.features, self.max_tx, &mut self.tx);
         let (spare, taken) = (&mut self.spare, &mut self.taken);
-        let r = tx.serve(spin, |qb, _| {
+        let r = tx.serve(spin, |qb, call| {
             let mut bufs = recycle(std::mem::take(spare));
-            let res = sink_pass(qb, &mut bufs, taken, hdr_len, features, max, local);
+            let res = sink_pass(qb, call, &mut bufs, taken, hdr_len, features, max, local);
             *spare = recycle(bufs);
             res.map(Pass::done)
         });

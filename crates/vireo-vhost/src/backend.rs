@@ -302,6 +302,13 @@ impl VhostUserBackend {
         }
     }
 
+    /// Whether the frontend shrank a file it handed over (guest memory, the dirty log, the
+    /// inflight area) and an access faulted past its new end: the connection must end (the
+    /// fault itself was absorbed; see `vireo_memory`'s `sigbus.rs`).
+    pub fn poisoned(&self) -> bool {
+        self.memory.poisoned() || self.inflight.as_ref().is_some_and(|(m, _)| m.poisoned())
+    }
+
     /// The protocol features the frontend acknowledged.
     pub fn acked_protocol_features(&self) -> u64 {
         self.protocol_features

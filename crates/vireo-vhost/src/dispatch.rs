@@ -217,6 +217,7 @@ fn has_reply(code: u32) -> bool {
 /// reply, or a REPLY_ACK status word), or the error that ends the connection.
 pub fn handle_message(backend: &mut VhostUserBackend, mut msg: Message) -> Result<Option<Reply>, ProtocolError> {
     let code = msg.code;
+    tracing::trace!(code, size = msg.payload.len(), fds = msg.files.len(), "request");
     let need_ack = msg.flags & FLAG_NEED_REPLY != 0
         && backend.acked_protocol_features() & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
     match dispatch(backend, &mut msg) {

@@ -120,7 +120,15 @@ fn serve_connection(sock: &UnixStream, mut backend: VhostUserBackend, stop: &Ato
     }
     let mut failed = false;
     while !stop.load(Relaxed) {
-        // Look at `stop` at least every 200 ms, also while a frontend is connected.
+        if backend.poisoned() {
+            tracing::error!(
+                "the frontend shrank memory it handed over (an access faulted past its end): dropping the connection"
+            );
+            failed = true;
+            break;
+        }
+        // Look at `stop` (and the poison) at least every 200 ms, also while a frontend is
+        // connected.
         if !wait_readable(sock.as_fd()) {
             continue;
         }

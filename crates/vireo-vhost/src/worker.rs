@@ -310,6 +310,7 @@ impl WorkerThread {
             h.stop(&mut Queues { rings: &mut g.rings }, local);
         }
         let ring = g.rings[local].take()?;
+        tracing::debug!(queue = index, broken = ring.is_broken(), "queue stopped");
         if g.rings.iter().all(Option::is_none) {
             // The group's last queue: its handler goes (a device's per-group resources with it).
             self.groups.swap_remove(gi);
