@@ -145,7 +145,7 @@ fn assert_invalidation_bounded(mut rig: Rig, heads: &[u16], what: &str) {
     stop.store(true, Ordering::Relaxed);
     let moves = filler.join().unwrap();
     eprintln!("{what}: {moves} refills");
-    assert!(moves > 100, "{what}: the device completed chains all along ({moves})");
+    assert!(moves > 0, "{what}: the device completed chains while the ring was kept full");
     assert!(worst < INVALIDATION_BOUND, "{what}: an invalidation took {worst:?} with the ring kept full");
     eprintln!("{what}: the longest of 20 SET_MEM_TABLE under a ring kept full took {worst:?}");
     rig.backend.shutdown();
