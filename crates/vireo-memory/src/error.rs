@@ -71,6 +71,9 @@ pub enum MemoryError {
     /// negotiated).
     #[error("IOTLB message without VIRTIO_F_ACCESS_PLATFORM")]
     IotlbDisabled,
+    /// Dirty logging is on (VHOST_F_LOG_ALL) and the frontend gave no log to record writes in.
+    #[error("dirty logging is on but no dirty log was given (SET_LOG_BASE)")]
+    NoDirtyLog,
     /// A guest physical page beyond the end of the dirty log.
     #[error("guest page {page:#x} is beyond the dirty log of {log_bytes} bytes")]
     BeyondLog { page: u64, log_bytes: u64 },

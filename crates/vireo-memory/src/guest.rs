@@ -272,7 +272,13 @@ impl GuestMemory {
                 // is no longer published, so none will pin it again.
                 unsafe { old.mapping.retire(self.shared.mode) };
             }
-            None => publish(),
+            None => {
+                publish();
+                // Batches that began before see no log; every one that begins after this sees
+                // the new one. (With logging on, a write in such a batch is refused as
+                // unloggable, never left out of the log.)
+                self.shared.domain.quiesce_all();
+            }
         }
     }
 
@@ -570,11 +576,8 @@ impl QueueMemory {
             self.map_gen = gen;
         }
         // SeqCst: pairs with the SeqCst store in `set_logging` (after the fence in `enter`).
-        let log = if self.shared.logging.load(SeqCst) {
-            pin_log(&self.gate, &self.shared, &mut self.log, &mut self.log_gen)
-        } else {
-            None
-        };
+        let logging = self.shared.logging.load(SeqCst);
+        let log = if logging { pin_log(&self.gate, &self.shared, &mut self.log, &mut self.log_gen) } else { None };
         // Acquire: pairs with the Release in `publish_iotlb`.
         let iotlb_gen = self.shared.iotlb_gen.load(Acquire);
         let iotlb_on = iotlb_gen != self.iotlb_gen || self.iotlb.is_some();
@@ -601,6 +604,7 @@ impl QueueMemory {
             held,
             held_id,
             cache_hit,
+            logging,
             log,
             log_cache: RefCell::new(&mut self.log_cache),
             cache: &self.cache,
@@ -688,13 +692,14 @@ impl QueueMemory {
     }
 }
 
+/// Pins the dirty log in force for a batch; `None` when there is none.
 fn pin_log(
     gate: &Gate,
     shared: &Shared,
     log: &mut Option<StdArc<DirtyLog>>,
     log_gen: &mut u64,
 ) -> Option<StdArc<DirtyLog>> {
-    for _ in 0..64 {
+    loop {
         let gen = shared.log_gen.load(Acquire);
         if gen != *log_gen {
             *log = lock(&shared.log).clone();
@@ -705,10 +710,11 @@ fn pin_log(
             return Some(l.clone());
         }
         // The log is being replaced: its successor is published before the invalidator waits,
-        // so the next round finds it.
+        // so the next round finds it. (No bound: a batch that gave up would go on without
+        // logging; each round sees a newer log, and logs are replaced one at a time by the
+        // control thread, which waits for the batches on the old one.)
         *log_gen = u64::MAX;
     }
-    None
 }
 
 /// Pins the IOTLB generation in force for a batch; returns its slot, or `None` when translation
@@ -870,6 +876,10 @@ pub struct Batch<'q> {
     held_id: u64,
     /// Whether the cached translation serves this batch.
     cache_hit: bool,
+    /// VHOST_F_LOG_ALL was on when the batch began: every write must be logged.
+    logging: bool,
+    /// The log it is logged in (pinned); `None` with `logging` when the frontend gave none, and
+    /// then every write is refused as unloggable rather than silently not logged.
     log: Option<StdArc<DirtyLog>>,
     log_cache: RefCell<&'q mut LogCache>,
     cache: &'q LocalCache,
@@ -1137,7 +1147,7 @@ impl<'q> Batch<'q> {
     /// Whether this batch logs writes.
     #[inline]
     pub fn logging(&self) -> bool {
-        self.log.is_some()
+        self.logging
     }
 
     /// Records that the device wrote `len` bytes at guest physical address `gpa` (no-op when
@@ -1147,6 +1157,7 @@ impl<'q> Batch<'q> {
     pub fn log_write(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
         match &self.log {
             Some(log) => self.log_cache.borrow_mut().add(gpa, len, log),
+            None if self.logging => Err(MemoryError::NoDirtyLog),
             None => Ok(()),
         }
     }
@@ -1155,7 +1166,9 @@ impl<'q> Batch<'q> {
     /// taken through the batch's IOTLB and the memory map to the guest physical pages it stands
     /// for (a ring's, which the batch has checked or cached).
     pub fn log_write_addr(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
-        let Some(log) = &self.log else { return Ok(()) };
+        let Some(log) = &self.log else {
+            return if self.logging { Err(MemoryError::NoDirtyLog) } else { Ok(()) };
+        };
         let Some(tlb) = self.iotlb else { return self.log_cache.borrow_mut().add(gpa, len, log) };
         let map = self.map.borrow();
         let mut done = 0u64;
