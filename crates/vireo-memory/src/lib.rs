@@ -10,7 +10,7 @@
 //!
 //! * **No pointer into guest memory outlives the batch or pin that protects it.** Host pointers
 //!   leave this crate only as [`GuestSlice`]s that borrow a [`Batch`], or as an [`IoPin`] that
-//!   holds the region (`guest.rs`).
+//!   holds the region (`guest/batch.rs`).
 //! * **The reply is the barrier.** [`GuestMemory::set_regions`], [`GuestMemory::remove_region`]
 //!   and [`GuestMemory::set_dirty_log`] return only after every reader that could touch the
 //!   retired mapping has quiesced and the mapping is retired (`protocol.rs`, checked by
@@ -21,7 +21,7 @@
 //!   retired region (`Domain::invalidate_start`).
 //! * **Guest memory is hostile**: no `&T` into it, every access volatile or atomic and bounds
 //!   checked (`access.rs`); regions that overlap, wrap, are empty or misaligned are refused and
-//!   leave the old map serving (`map.rs`, `guest.rs`, `tests/map_props.rs`).
+//!   leave the old map serving (`map.rs`, `guest/control.rs`, `tests/map_props.rs`).
 //! * **Every logged write is set after the write and before it is exposed** (`dirty.rs`).
 //! * **Nothing grows with the number of remaps**: retired mappings are unmapped at once, or kept
 //!   `PROT_NONE` in a bounded quarantine (`mmap.rs`).

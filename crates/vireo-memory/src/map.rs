@@ -2,7 +2,7 @@
 //! physical address and by frontend user address.
 //!
 //! A [`MemoryMap`] is immutable once built. Changing guest memory builds a new map and publishes it
-//! through the invalidation protocol (`guest.rs`); readers keep using the map they started their
+//! through the invalidation protocol (`guest/`); readers keep using the map they started their
 //! batch with until the protocol tells them otherwise. Lookups run over flat sorted arrays of
 //! starts, ends and host bases (no pointer chasing per probe), which is what makes them cheaper
 //! than a binary search over region objects at 509 regions.

@@ -188,7 +188,7 @@ impl Mapping {
         self.len == 0
     }
 
-    /// Whether [`Mapping::retire`] has run.
+    /// Whether `Mapping::retire` has run.
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
