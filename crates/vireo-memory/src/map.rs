@@ -134,8 +134,10 @@ pub struct MemoryMap {
 
 /// The index of the last element of `starts` (sorted ascending) that is `<= x`.
 ///
-/// Branch-free halving: the loop runs `log2(n)` times whatever the data, and the select compiles
-/// to a conditional move, so a random lookup pays no mispredictions.
+/// Branch-free halving: the loop runs `log2(n)` times whatever the data (its one branch depends
+/// on the length only), and the select is a conditional move (`select_unpredictable`: a plain
+/// `if` compiled to a branch, and random addresses mispredicted half of them), so a random
+/// lookup pays no misprediction.
 #[inline]
 fn last_at_or_below(starts: &[u64], x: u64) -> Option<usize> {
     let mut size = starts.len();
@@ -146,7 +148,12 @@ fn last_at_or_below(starts: &[u64], x: u64) -> Option<usize> {
     while size > 1 {
         let half = size / 2;
         let mid = base + half;
-        base = if starts[mid] <= x { mid } else { base };
+        // SAFETY: `base + size <= starts.len()` holds on entry (0 + len) and is kept by each
+        // round (`base` moves by `half` exactly when `size` shrinks by it), and `mid = base +
+        // half < base + size` because `half < size`: `mid` is in bounds. (The checked index
+        // would put a compare and branch into every round.)
+        let probe = unsafe { *starts.get_unchecked(mid) };
+        base = std::hint::select_unpredictable(probe <= x, mid, base);
         size -= half;
     }
     (starts[base] <= x).then_some(base)

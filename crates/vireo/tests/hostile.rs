@@ -29,13 +29,21 @@ struct Rig {
 
 impl Rig {
     fn new(device: Arc<dyn Device>, queue: u32, size: u16, call: Option<File>) -> Self {
+        Self::acking(device, queue, size, call, u64::MAX)
+    }
+
+    /// [`Rig::new`] acknowledging only the offered features in `mask`.
+    fn acking(device: Arc<dyn Device>, queue: u32, size: u16, call: Option<File>, mask: u64) -> Self {
         let backend = VhostUserBackend::new(device, false, 1, DEFAULT_POLL_MAX);
         let mut ram = GuestRam::single(8 << 20).unwrap();
         let drv = SplitDriver::new(&mut ram, size).unwrap();
         let mut rig = Self { backend, ram, drv };
         rig.set_mem_table();
-        // Split rings, no vIOMMU, no protocol features (rings start without SET_VRING_ENABLE).
-        let features = rig.backend.get_features().unwrap() & !(1 << 34) & !(1 << 33) & !(1 << 30) & !(1 << 35);
+        // Split rings, no vIOMMU, no protocol features (rings start without SET_VRING_ENABLE),
+        // no LOG_ALL (logging with no log given breaks a queue rather than leave a write
+        // unlogged), no IN_ORDER.
+        let features =
+            rig.backend.get_features().unwrap() & !(1 << 34) & !(1 << 33) & !(1 << 30) & !(1 << 35) & !(1 << 26) & mask;
         rig.backend.set_features(features).unwrap();
         let b = &mut rig.backend;
         b.set_vring_num(queue, u32::from(size)).unwrap();
@@ -145,7 +153,9 @@ fn assert_invalidation_bounded(mut rig: Rig, heads: &[u16], what: &str) {
     stop.store(true, Ordering::Relaxed);
     let moves = filler.join().unwrap();
     eprintln!("{what}: {moves} refills");
-    assert!(moves > 0, "{what}: the device completed chains while the ring was kept full");
+    assert!(moves > 0, "{what}: the driver's thread refilled the ring");
+    // (A broken queue would complete nothing and make every invalidation trivially fast.)
+    assert_ne!(rig.drv.device_used_idx(&rig.ram).unwrap(), 0, "{what}: the device completed chains");
     assert!(worst < INVALIDATION_BOUND, "{what}: an invalidation took {worst:?} with the ring kept full");
     eprintln!("{what}: the longest of 20 SET_MEM_TABLE under a ring kept full took {worst:?}");
     rig.backend.shutdown();
@@ -344,4 +354,125 @@ fn a_frontend_that_shrinks_guest_memory_is_cut_off() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(fds <= fds_before, "file descriptors: {fds_before} before, {fds} after");
     assert!(maps <= maps_before, "mappings: {maps_before} before, {maps} after");
+}
+
+/// Waits until the device has completed `n` chains in all (used index), at most 10 s.
+fn wait_used(rig: &Rig, n: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.drv.device_used_idx(&rig.ram).unwrap() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the device completed {} of {n} chains",
+            rig.drv.device_used_idx(&rig.ram).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A virtio-net header: flags, gso type, gso size, checksum start and offset (num_buffers 0).
+fn net_header(flags: u8, gso: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> Vec<u8> {
+    let mut h = vec![flags, gso, 54, 0];
+    for v in [gso_size, csum_start, csum_offset, 0] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+/// Transmit chains a driver gets wrong, on the sink with the segmentation offloads offered but
+/// not acknowledged: each is dropped and counted as an error, the queue is not broken, and a good
+/// frame before and after them is consumed.
+#[test]
+fn hostile_transmit_chains_are_dropped_and_counted() {
+    use vireo_wire::features::net as f;
+    let device = Arc::new(vireo_net::NetDevice::new(vireo_net::Port::Sink, vireo_net::NetConfig::default()));
+    let stats = device.stats();
+    let no_gso = !(f::HOST_TSO4 | f::HOST_TSO6 | f::HOST_UFO | f::HOST_USO | f::HOST_ECN);
+    let mut rig = Rig::acking(device, 1, 256, None, no_gso);
+    let frame = |hdr: Vec<u8>, len: usize| {
+        let mut b = hdr;
+        b.extend((0..len).map(|i| i as u8));
+        b
+    };
+    let good = frame(net_header(0, 0, 0, 0, 0), 60);
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("good", good.clone(), false),
+        ("shorter than the header", vec![0; 5], false),
+        ("runt", frame(net_header(0, 0, 0, 0, 0), 10), false),
+        ("longer than the MTU", frame(net_header(0, 0, 0, 0, 0), 9000), false),
+        ("TCPv4 segmentation not negotiated", frame(net_header(1, 1, 1448, 34, 16), 3000), false),
+        ("a receive-only flag", frame(net_header(2, 0, 0, 0, 0), 60), false),
+        ("checksum past the frame", frame(net_header(1, 0, 0, 58, 16), 60), false),
+        ("only a writable buffer", good.clone(), true),
+        ("good again", good.clone(), false),
+    ];
+    for (_, bytes, writable) in &cases {
+        let len = u32::try_from(bytes.len()).unwrap();
+        let gpa = rig.ram.alloc(u64::from(len), 8).unwrap();
+        rig.ram.write(gpa, bytes).unwrap();
+        rig.drv.add(&rig.ram, &[vireo_driver::Buffer { gpa, len, writable: *writable }]).unwrap();
+    }
+    rig.drv.publish(&rig.ram, false).unwrap();
+    wait_used(&rig, u16::try_from(cases.len()).unwrap(), "tx");
+    let q = stats.queue(1).unwrap();
+    assert_eq!(q.frames.load(Ordering::Relaxed), 2, "the two good frames were consumed");
+    assert_eq!(q.errors.load(Ordering::Relaxed), u64::try_from(cases.len() - 2).unwrap(), "each bad chain counted");
+    assert!(!q.broken.load(Ordering::Relaxed), "a frame the guest got wrong does not break the queue");
+    // Every chain came back (a dropped frame is still completed).
+    for _ in 0..cases.len() {
+        assert!(rig.drv.pop_used(&rig.ram).unwrap().is_some());
+    }
+    rig.backend.shutdown();
+}
+
+/// A receive chain with no writable buffer is completed empty and counted; the next chain gets a
+/// frame.
+#[test]
+fn a_receive_chain_without_a_writable_buffer_is_counted_and_skipped() {
+    let device =
+        Arc::new(vireo_net::NetDevice::new(vireo_net::Port::Source { frame_len: 60 }, vireo_net::NetConfig::default()));
+    let stats = device.stats();
+    let mut rig = Rig::new(device, 0, 256, None);
+    let ro = rig.ram.alloc(2048, 8).unwrap();
+    let rw = rig.ram.alloc(2048, 8).unwrap();
+    rig.drv.add(&rig.ram, &[vireo_driver::Buffer { gpa: ro, len: 2048, writable: false }]).unwrap();
+    rig.drv.add(&rig.ram, &[vireo_driver::Buffer { gpa: rw, len: 2048, writable: true }]).unwrap();
+    rig.drv.publish(&rig.ram, false).unwrap();
+    wait_used(&rig, 2, "rx");
+    let first = rig.drv.pop_used(&rig.ram).unwrap().unwrap();
+    let second = rig.drv.pop_used(&rig.ram).unwrap().unwrap();
+    assert_eq!(first.len, 0, "nothing written into a chain with no writable buffer");
+    assert_eq!(second.len, 12 + 60, "a header and a frame in the next one");
+    let q = stats.queue(0).unwrap();
+    assert_eq!((q.frames.load(Ordering::Relaxed), q.errors.load(Ordering::Relaxed)), (1, 1));
+    assert!(!q.broken.load(Ordering::Relaxed));
+    rig.backend.shutdown();
+}
+
+/// Queues past the pairs offered cannot be set up or enabled: each message is refused, and the
+/// queues offered go on.
+#[test]
+fn queue_pairs_past_the_offered_are_refused() {
+    let device = Arc::new(vireo_net::NetDevice::new(vireo_net::Port::Sink, vireo_net::NetConfig::default()));
+    let stats = device.stats();
+    let mut rig = Rig::new(device, 1, 256, None);
+    let b = &mut rig.backend;
+    for q in [2u32, 3, 255, u32::MAX] {
+        assert!(b.set_vring_num(q, 256).is_err(), "SET_VRING_NUM {q}");
+        assert!(b.set_vring_base(q, 0).is_err(), "SET_VRING_BASE {q}");
+        assert!(b.set_vring_enable(q, true).is_err(), "SET_VRING_ENABLE {q}");
+        assert!(b.get_vring_base(q).is_err(), "GET_VRING_BASE {q}");
+    }
+    for q in [2u8, 3, 255] {
+        assert!(b.set_vring_kick(q, None).is_err(), "SET_VRING_KICK {q}");
+        assert!(b.set_vring_call(q, None).is_err(), "SET_VRING_CALL {q}");
+    }
+    let gpa = rig.ram.alloc(72, 8).unwrap();
+    let mut bytes = net_header(0, 0, 0, 0, 0);
+    bytes.resize(72, 0xab);
+    rig.ram.write(gpa, &bytes).unwrap();
+    rig.drv.add(&rig.ram, &[vireo_driver::Buffer { gpa, len: 72, writable: false }]).unwrap();
+    rig.drv.publish(&rig.ram, false).unwrap();
+    wait_used(&rig, 1, "tx after refusals");
+    assert_eq!(stats.queue(1).unwrap().frames.load(Ordering::Relaxed), 1);
+    rig.backend.shutdown();
 }
