@@ -224,7 +224,7 @@ impl Inner {
     /// DISCARD and WRITE_ZEROES: a list of {sector u64, num_sectors u32, flags u32} segments.
     fn discard_or_zero(&self, kind: u32, chain: &Chain<'_>) -> u8 {
         let total = chain.readable_len().saturating_sub(16) as usize;
-        if total == 0 || total % 16 != 0 {
+        if total == 0 || !total.is_multiple_of(16) {
             return S_IOERR;
         }
         let mut seg = [0u8; 16];

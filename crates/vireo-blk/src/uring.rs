@@ -151,8 +151,8 @@ impl UringEngine {
 }
 
 fn aligned(iov: &[libc::iovec], off: u64) -> bool {
-    off % DIRECT_ALIGN as u64 == 0
-        && iov.iter().all(|v| (v.iov_base as usize) % DIRECT_ALIGN == 0 && v.iov_len % DIRECT_ALIGN == 0)
+    off.is_multiple_of(DIRECT_ALIGN as u64)
+        && iov.iter().all(|v| (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN) && v.iov_len % DIRECT_ALIGN == 0)
 }
 
 /// Reads the completion eventfd so that it polls quiet again.

@@ -154,7 +154,7 @@ fn churn_under_io(name: &str, opts: BlkOptions, mut churn: impl FnMut(&mut BlkDe
                 if inflight.values().any(|&(s, _)| s == sector) {
                     break;
                 }
-                let write = (round + sector) % 3 != 0 || !written.contains_key(&sector);
+                let write = !(round + sector).is_multiple_of(3) || !written.contains_key(&sector);
                 let slot = if write {
                     dev.submit(q, req::OUT, sector, Some(&pattern(sector ^ round, 4096)), 0).unwrap()
                 } else {

@@ -94,7 +94,7 @@ impl<'a> GuestSlice<'a> {
         }
         // SAFETY: offset + size_of::<T>() <= self.len, so the pointer stays inside the mapping.
         let p = unsafe { self.ptr.as_ptr().add(offset) };
-        if (p as usize) % align_of::<T>() != 0 {
+        if !(p as usize).is_multiple_of(align_of::<T>()) {
             return self.read(offset).ok();
         }
         // SAFETY: in bounds and aligned (both checked), mapped for 'a; T is Pod so any bit
@@ -106,7 +106,7 @@ impl<'a> GuestSlice<'a> {
     #[inline]
     pub fn read<T: Pod>(&self, offset: usize) -> Result<T, MemoryError> {
         let p = self.check(offset, size_of::<T>())?;
-        if (p as usize) % align_of::<T>() == 0 {
+        if (p as usize).is_multiple_of(align_of::<T>()) {
             // SAFETY: in bounds (checked), aligned (checked), mapped for 'a; T is Pod so any bit
             // pattern the guest left is a valid T.
             Ok(unsafe { p.cast::<T>().read_volatile() })
@@ -124,7 +124,7 @@ impl<'a> GuestSlice<'a> {
     /// Writes a `T` at `offset` with one volatile access (or bytewise where it is misaligned).
     pub fn write<T: Pod>(&self, offset: usize, value: T) -> Result<(), MemoryError> {
         let p = self.check(offset, size_of::<T>())?;
-        if (p as usize) % align_of::<T>() == 0 {
+        if (p as usize).is_multiple_of(align_of::<T>()) {
             // SAFETY: in bounds, aligned, mapped for 'a and writable.
             unsafe { p.cast::<T>().write_volatile(value) };
         } else {
@@ -138,7 +138,7 @@ impl<'a> GuestSlice<'a> {
 
     fn atomic_ptr<A>(&self, offset: usize, width: usize) -> Result<*mut A, MemoryError> {
         let p = self.check(offset, width)?;
-        if (p as usize) % width != 0 {
+        if !(p as usize).is_multiple_of(width) {
             return Err(MemoryError::Misaligned { offset, width });
         }
         Ok(p.cast())
@@ -282,7 +282,7 @@ unsafe fn volatile_byte_sum(src: *const u8, n: usize) -> u64 {
     // SAFETY: every access is at `src + i` with `i < n` (bytes) or `i + 8 <= n` (words, at
     // 8-aligned addresses), inside the caller's range.
     unsafe {
-        while i < n && (src.add(i) as usize) % 8 != 0 {
+        while i < n && !(src.add(i) as usize).is_multiple_of(8) {
             total += u64::from(src.add(i).read_volatile());
             i += 1;
         }
@@ -315,7 +315,7 @@ unsafe fn volatile_copy_from_guest(src: *const u8, dst: &mut [u8]) {
     let n = dst.len();
     // SAFETY: every access is at `src + i` with `i < n`, inside the caller's range.
     unsafe {
-        while i < n && (src.add(i) as usize) % 8 != 0 {
+        while i < n && !(src.add(i) as usize).is_multiple_of(8) {
             dst[i] = src.add(i).read_volatile();
             i += 1;
         }
@@ -340,7 +340,7 @@ unsafe fn volatile_copy_to_guest(src: &[u8], dst: *mut u8) {
     let n = src.len();
     // SAFETY: every access is at `dst + i` with `i < n`, inside the caller's range.
     unsafe {
-        while i < n && (dst.add(i) as usize) % 8 != 0 {
+        while i < n && !(dst.add(i) as usize).is_multiple_of(8) {
             dst.add(i).write_volatile(src[i]);
             i += 1;
         }

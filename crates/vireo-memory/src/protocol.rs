@@ -280,7 +280,7 @@ impl Gate {
         // ended, that batch's accesses must happen-before what the caller does next (loom found
         // the Relaxed version of this load wanting: an ended batch's write escaped the dirty log).
         let s = self.state.load(Acquire);
-        if s % 2 == 0 {
+        if s.is_multiple_of(2) {
             return;
         }
         let mut round = 0u32;
@@ -401,7 +401,7 @@ impl Domain {
     pub fn read_begin(&self) -> Option<u64> {
         // Acquire: pairs with the Release increment that ended the last invalidation.
         let s = self.seq.load(Acquire);
-        (s % 2 == 0).then_some(s)
+        s.is_multiple_of(2).then_some(s)
     }
 
     /// Invalidator: retires `tags`. `publish` runs first, and is where the caller installs the map

@@ -218,14 +218,14 @@ fn single(segs: &mut Segments, lo: u64, hi: u64, writable: bool, win: &Windowed<
 fn walk_table(lo: u64, hi: u64, packed: bool, fill: &mut Filling<'_>, win: &mut Windowed<'_, '_>) -> Option<()> {
     #[allow(clippy::cast_possible_truncation)]
     let len = hi as u32;
-    if len == 0 || len % 16 != 0 || len / 16 > MAX_INDIRECT {
+    if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_INDIRECT {
         return None;
     }
     let entries = (len / 16) as usize;
     fill.limit = fill.limit.min(entries);
     let table = win.piece(lo, len, false)?;
     let base = table.slice.as_ptr();
-    if base as usize % 8 != 0 {
+    if !(base as usize).is_multiple_of(8) {
         return None;
     }
     let mut j = 0usize;

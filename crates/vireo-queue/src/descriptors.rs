@@ -61,7 +61,7 @@ impl<'m, 'q> Table<'m, 'q> {
 }
 
 pub(crate) fn indirect_entries(head: u16, d: &Descriptor) -> Result<u32, QueueError> {
-    if d.len == 0 || d.len % 16 != 0 {
+    if d.len == 0 || !d.len.is_multiple_of(16) {
         return Err(QueueError::Indirect { head, what: "table length is not a non-zero multiple of 16" });
     }
     let n = d.len / 16;

@@ -126,7 +126,7 @@ pub struct Queue {
 pub const DEFAULT_BATCH_LIMIT: u32 = 256;
 
 fn check_area(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), QueueError> {
-    if gpa.raw() % align != 0 {
+    if !gpa.raw().is_multiple_of(align) {
         return Err(QueueError::Config { what: "ring area misaligned" });
     }
     if gpa.checked_add(len).is_none() {

@@ -60,7 +60,7 @@ impl<'b> Direct<'b> {
     /// are multiples of the element they access, so aligned bases keep every access aligned.
     pub fn new(views: [GuestSlice<'b>; 3], layout: Layout, align: [usize; 3]) -> Option<Self> {
         for ((v, &need), a) in views.iter().zip(layout.len.iter()).zip(align) {
-            if (v.len() as u64) < need || (v.as_ptr() as usize) % a != 0 {
+            if (v.len() as u64) < need || !(v.as_ptr() as usize).is_multiple_of(a) {
                 return None;
             }
         }

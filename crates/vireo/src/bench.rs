@@ -225,7 +225,7 @@ struct InFlight {
 
 /// Runs the benchmark and prints its report.
 pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
-    if a.bs == 0 || a.bs % 512 != 0 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) {
         return Err(BenchError::Options(format!("--bs {} must be a non-zero multiple of 512", a.bs)));
     }
     if a.iodepth == 0 || a.numjobs == 0 {
