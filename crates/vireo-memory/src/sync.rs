@@ -1,19 +1,20 @@
 //! The one place the invalidation protocol gets its atomics from.
 //!
-//! Under `--cfg vireo_loom` every atomic and every wait in the protocol comes from `loom`, so that
-//! `tests/loom_protocol.rs` explores the interleavings of the real code, not of a copy of it.
-//! Everything outside the protocol (mappings, the dirty-log bitmap in shared memory) uses `std`
-//! directly: it is not part of the model.
+//! Under `--cfg vireo_loom` every atomic and every wait in the protocol (`protocol.rs`) and in
+//! its glue (`guest/`: the published map, log and IOTLB, their generations, the pins a batch
+//! takes on them) comes from `loom`, so that `tests/loom_protocol.rs` explores the interleavings
+//! of the real code, not of a copy of it. What is not a synchronization between our threads (the
+//! mappings themselves, the dirty-log bitmap in shared memory, id counters) uses `std`.
 
 #[cfg(vireo_loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
 #[cfg(vireo_loom)]
-pub(crate) use loom::sync::{Arc, Mutex};
+pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 
 #[cfg(not(vireo_loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64};
 #[cfg(not(vireo_loom))]
-pub(crate) use std::sync::{Arc, Mutex};
+pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The reader's half of an asymmetric barrier ([`heavy_fence`] is the other): where the
 /// protocol's readers would put `fence(SeqCst)` in a "store mine, fence, load yours" handshake.

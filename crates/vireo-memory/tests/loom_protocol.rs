@@ -231,3 +231,60 @@ fn every_write_after_log_all_is_logged_or_copied() {
         assert_eq!(copy, data.load(Relaxed), "a device write escaped the dirty log");
     });
 }
+
+/// The glue, on the real `GuestMemory` (`guest/`, whose atomics and locks come from loom too):
+/// a batch that hits its cache translates a buffer in the rings' region through the window the
+/// cache holds (no pin of its own), takes an I/O pin on it (`Gate::pin_again`), ends (`leave`),
+/// and only then touches the buffer and drops the pin (`unpin`), while the control side replaces
+/// the memory table, retiring the region. Every touch of the old region must be ordered before
+/// its retirement; the retirement is modelled by a write to a cell that stands for the old
+/// region, made right after `set_regions` returned.
+#[test]
+fn io_pin_on_the_cached_window_holds_off_a_memory_table_change() {
+    use std::os::fd::AsFd;
+    use vireo_memory::{GuestMemory, GuestPhysAddr, Perm, RegionSpec, RetireMode, UserAddr};
+    const SIZE: u64 = 64 << 10;
+    let fd = std::sync::Arc::new(vireo_memory::memfd("loom-glue", 2 * SIZE).expect("memfd"));
+    model(move || {
+        let spec = |offset: u64| RegionSpec {
+            gpa: GuestPhysAddr::new(0),
+            size: SIZE,
+            user_addr: UserAddr::new(0x10_0000),
+            fd: fd.as_fd(),
+            fd_offset: offset,
+        };
+        let mem = GuestMemory::new(RetireMode::Unmap);
+        mem.set_regions(&[spec(0)]).expect("regions");
+        let ring = [(GuestPhysAddr::new(0), 64)];
+        let mut queue = mem.register_queue();
+        {
+            let batch = queue.batch(&ring);
+            assert!(batch.cached().is_some(), "the first batch fills the cache");
+        }
+        let old = mem.map().translate(GuestPhysAddr::new(0)).expect("region").host;
+        let old = old..old + SIZE as usize;
+        let region = Arc::new(UnsafeCell::new(0u64));
+        let reader = {
+            let region = region.clone();
+            thread::spawn(move || {
+                let batch = queue.batch(&ring);
+                let piece = batch.translate_piece(GuestPhysAddr::new(4096), 16, Perm::RW, false).ok();
+                let held = piece.map(|p| (p.slice.as_ptr() as usize, batch.io_pin(&p)));
+                drop(batch);
+                if let Some((host, pin)) = held {
+                    if old.contains(&host) {
+                        // SAFETY: loom checks that this read is ordered before the retiring write.
+                        region.with(|p| unsafe {
+                            let _ = *p;
+                        });
+                    }
+                    drop(pin);
+                }
+            })
+        };
+        mem.set_regions(&[spec(SIZE)]).expect("new table");
+        // SAFETY: loom checks that no access to the old region races with this write.
+        region.with_mut(|p| unsafe { *p = 0xdead });
+        reader.join().unwrap();
+    });
+}

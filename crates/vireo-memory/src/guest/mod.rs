@@ -14,8 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc as StdArc, Mutex as StdMutex, MutexGuard};
+use std::sync::Arc as StdArc;
 
 use crate::access::GuestSlice;
 use crate::addr::GuestPhysAddr;
@@ -25,7 +24,9 @@ use crate::iotlb::{edit, IotlbEntry, IotlbFault, IotlbTable, Perm, MAX_IOTLB_ENT
 use crate::map::{MemoryMap, Region, RegionSpec, MAX_REGIONS};
 use crate::mmap::RetireMode;
 use crate::protocol::{Domain, Gate, RegionTag, MAX_CACHED};
-use crate::sync::Arc;
+// The glue's atomics and locks come from the facade too: under loom the cache fill's map reload,
+// the log and IOTLB pins and their generations run in the model with the protocol.
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex as StdMutex, MutexGuard};
 
 mod batch;
 mod control;
@@ -46,7 +47,7 @@ const IOTLB_SLOTS: [usize; 2] = [REGION_SLOTS + 2, REGION_SLOTS + 3];
 const NUM_SLOTS: usize = REGION_SLOTS + 4;
 
 /// Ids start at 1: 0 means "no region" in a gate's cache.
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
