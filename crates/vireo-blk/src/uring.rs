@@ -198,8 +198,11 @@ impl UringEngine {
             Storage::File { file, .. } => file,
             Storage::Null { .. } => return Some(self.dev.handle_sync(chain)),
         };
+        // A read into guest RAM that is a file on a filesystem goes through the page cache:
+        // the kernel would otherwise write into those pages through a pin, behind the
+        // filesystem's back (`MemoryMap::has_file_pages`).
         let fd = match &self.dev.direct {
-            Some(d) if kind != req::FLUSH && aligned(&iov, off) => d.as_raw_fd(),
+            Some(d) if kind != req::FLUSH && aligned(&iov, off) && !(read && mem.has_file_pages()) => d.as_raw_fd(),
             _ => file.as_raw_fd(),
         };
         let slot = self.free.pop().unwrap_or_else(|| {

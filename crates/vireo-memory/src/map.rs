@@ -72,7 +72,24 @@ pub struct Region {
     size: u64,
     user_addr: UserAddr,
     fd_offset: u64,
+    /// A file whose pages a filesystem writes back (not shmem, not hugetlbfs): see
+    /// [`MemoryMap::has_file_pages`].
+    file_pages: bool,
     pub(crate) mapping: Mapping,
+}
+
+/// Whether the pages of `fd` belong to a filesystem that writes them back to storage: anything
+/// but shared memory (memfd, /dev/shm) and hugetlbfs.
+fn has_writeback(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
+    match rustix::fs::fstatfs(fd) {
+        // `f_type` is a signed word whose low 32 bits are the magic number.
+        #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+        Ok(st) => !matches!(st.f_type as u32, TMPFS_MAGIC | HUGETLBFS_MAGIC),
+        // Unknown: assume the worst (the cost is a buffered read instead of a direct one).
+        Err(_) => true,
+    }
 }
 
 impl Region {
@@ -85,7 +102,16 @@ impl Region {
             offset: spec.fd_offset,
             source,
         })?;
-        Ok(Self { tag, gpa: spec.gpa, size: spec.size, user_addr: spec.user_addr, fd_offset: spec.fd_offset, mapping })
+        let file_pages = has_writeback(spec.fd);
+        Ok(Self {
+            tag,
+            gpa: spec.gpa,
+            size: spec.size,
+            user_addr: spec.user_addr,
+            fd_offset: spec.fd_offset,
+            file_pages,
+            mapping,
+        })
     }
 
     /// Guest physical address of the first byte.
@@ -103,6 +129,10 @@ impl Region {
     /// The file offset of the first byte.
     pub fn fd_offset(&self) -> u64 {
         self.fd_offset
+    }
+    /// Whether the region is a file a filesystem writes back (see [`MemoryMap::has_file_pages`]).
+    pub fn file_pages(&self) -> bool {
+        self.file_pages
     }
     /// The region's unique id (never reused within a process).
     pub fn id(&self) -> u64 {
@@ -135,6 +165,8 @@ pub struct MemoryMap {
     /// Frontend user address starts, sorted, with the index of their region.
     user_start: Vec<u64>,
     user_index: Vec<u16>,
+    /// Some region is a file a filesystem writes back.
+    file_pages: bool,
 }
 
 /// The index of the last element of `starts` (sorted ascending) that is `<= x`.
@@ -220,6 +252,7 @@ impl MemoryMap {
             host: regions.iter().map(|r| r.mapping.as_ptr() as usize).collect(),
             user_start: by_user.iter().map(|&(s, _)| s).collect(),
             user_index: by_user.iter().map(|&(_, i)| i).collect(),
+            file_pages: regions.iter().any(|r| r.file_pages),
             regions,
         })
     }
@@ -227,6 +260,17 @@ impl MemoryMap {
     /// The regions, sorted by guest physical address.
     pub fn regions(&self) -> &[Arc<Region>] {
         &self.regions
+    }
+
+    /// Whether some region is a file whose pages a filesystem writes back (guest RAM in a
+    /// regular file on disk, rather than shared memory or hugetlbfs). The kernel should not write
+    /// into such pages through a `get_user_pages` pin (an O_DIRECT read): the `set_page_dirty`
+    /// problem with file-backed memory that the review of the 2019 vhost work raised, where the
+    /// filesystem does not learn in time that the page was dirtied and may write it back or
+    /// reclaim it under the I/O. Devices read into such memory through the page cache instead
+    /// (a copy made under ordinary page faults, which dirty the page the filesystem's way).
+    pub fn has_file_pages(&self) -> bool {
+        self.file_pages
     }
 
     /// The number of regions.

@@ -32,6 +32,14 @@ fn regular_file_at_an_offset() {
     let mem = GuestMemory::new(RetireMode::ProtNone { keep: 4 });
     // A byte offset that is not page aligned, as vhost-user's mmap_offset may be.
     mem.set_regions(&[spec(&fd, 8192, 100)]).unwrap();
+    // (The temporary directory is tmpfs on some machines: the flag follows the filesystem.)
+    #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+    let tmpfs = rustix::fs::fstatfs(&fd).unwrap().f_type as u32 == 0x0102_1994;
+    assert_eq!(mem.map().has_file_pages(), !tmpfs, "a file a filesystem writes back is told apart");
+    let shm = vireo_memory::memfd("shm", 8192).unwrap();
+    let other = GuestMemory::new(RetireMode::Unmap);
+    other.set_regions(&[spec(&shm, 8192, 0)]).unwrap();
+    assert!(!other.map().has_file_pages(), "a memfd is shared memory");
     {
         let mut q = mem.register_queue();
         let batch = q.batch(&[]);

@@ -217,6 +217,14 @@ impl<'q> Batch<'q> {
         }))
     }
 
+    /// Whether some region of the map this batch translates with is a file a filesystem writes
+    /// back ([`MemoryMap::has_file_pages`]): then the kernel must not write into guest memory
+    /// through O_DIRECT.
+    #[inline]
+    pub fn has_file_pages(&self) -> bool {
+        self.map.borrow().has_file_pages()
+    }
+
     /// The map this batch translates with.
     pub fn map(&self) -> StdArc<MemoryMap> {
         (**self.map.borrow()).clone()
