@@ -34,10 +34,12 @@ enum Bench {
 
 fn main() {
     let cli = Cli::parse();
-    let out = match cli.bench {
+    let mut out = match cli.bench {
         Bench::Memory => memory::run(cli.quick),
         Bench::Queue => queue::run(cli.quick),
     };
+    // Figures differ between kinds of CPU (BENCHMARKS.md keeps a table per machine).
+    out["cpu"] = serde_json::Value::from(vireo_driver::cpu_model());
     if cli.json {
         println!("{out}");
     } else {

@@ -20,3 +20,17 @@ pub use iommu::IommuMode;
 pub use pattern::{pattern, XorShift};
 pub use ram::{GuestRam, RamError};
 pub use virtq::{desc_bytes, Buffer, DriverError, PackedDriver, SplitDriver, UsedElem};
+
+/// The CPU's model name (`/proc/cpuinfo`), which benchmarks print beside their figures: they
+/// differ between kinds of machine.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}

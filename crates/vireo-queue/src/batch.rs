@@ -55,6 +55,11 @@ pub struct QueueBatch<'b, 'q> {
     pub(crate) notify_off: &'b mut Option<bool>,
     /// The fused loops prefetch buffers a few chains ahead (`set_prefetch`).
     pub(crate) prefetch: bool,
+    /// VIRTIO_F_IN_ORDER negotiated (`Queue::set_in_order`).
+    pub(crate) in_order: bool,
+    /// Packed, in order: the publication's first used descriptor (its flags not yet written)
+    /// stands for every completion since, which wrote nothing (`add_used_many`).
+    pub(crate) collapsing: bool,
     /// Whether this batch logs (read once: logging cannot change under a running batch).
     pub(crate) logging: bool,
     pub(crate) inflight: Option<&'b mut Inflight>,
@@ -453,6 +458,8 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 .map(|()| (Area::Device, off))
             }
             Kind::Packed { first_used_flags } => {
+                // An element of its own: the first descriptor no longer stands for what follows.
+                self.collapsing = false;
                 let slot = self.state.next_used;
                 let off = 16 * usize::from(slot);
                 let flags = if self.state.used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
@@ -496,6 +503,12 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// in order. On the cached split path a loop of two stores each; anything else goes through
     /// `add_used`.
     pub fn add_used_many(&mut self, done: impl IntoIterator<Item = (UsedToken, u32)>) -> Result<(), QueueError> {
+        if self.in_order && self.packed_inflight.is_none() && matches!(&*self.kind, Kind::Packed { .. }) {
+            for (t, len) in done {
+                self.add_used_in_order(t, len)?;
+            }
+            return Ok(());
+        }
         let fast = self.broken.is_none()
             && self.inflight.is_none()
             && matches!((&*self.kind, &self.access), (Kind::Split { .. }, Access::Direct(_)));
@@ -533,6 +546,35 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 self.log_ring(Area::Device, 4 + 8 * usize::from(start.wrapping_add(j) & mask), 8)?;
             }
         }
+        Ok(())
+    }
+
+    /// A packed ring under IN_ORDER: a completion that wrote nothing, after one that wrote nothing
+    /// and whose flags are not written yet, is folded into it (its id becomes this chain's; the
+    /// position moves on by this chain's descriptors); any other goes through `add_used`.
+    fn add_used_in_order(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
+        let head = match &*self.kind {
+            Kind::Packed { first_used_flags: Some((slot, _)) } if self.collapsing && len == 0 => *slot,
+            _ => {
+                self.add_used(token, len)?;
+                // The element just written is the publication's first (its flags deferred) and
+                // wrote nothing: later ones may fold into it.
+                self.collapsing = len == 0 && self.used_added == 1;
+                return Ok(());
+            }
+        };
+        if let Some(e) = self.broken.as_ref() {
+            return Err(QueueError::Broken(e.clone()));
+        }
+        let off = 16 * usize::from(head) + 12;
+        with_access!(self, r => r.write::<u16>(Area::Desc, off, token.id.to_le())).map_err(|e| self.fail(e))?;
+        self.log_ring(Area::Desc, off, 2)?;
+        let size = self.cfg.size;
+        let (next, wrapped) = crate::packed::advance(self.state.next_used, token.ring_descs.clamp(1, size), size);
+        self.state.next_used = next;
+        self.state.used_wrap ^= wrapped;
+        self.used_added = self.used_added.wrapping_add(1);
+        self.used_total = self.used_total.wrapping_add(1);
         Ok(())
     }
 
@@ -665,6 +707,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         let notify = res.map_err(|e| self.fail(e))?;
         *self.signalled = self.state.next_used;
         self.used_added = 0;
+        self.collapsing = false;
         Ok(notify)
     }
 

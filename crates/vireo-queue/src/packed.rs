@@ -135,6 +135,10 @@ impl QueueBatch<'_, '_> {
         }
         *self.state = QueueState { next_avail, next_used, avail_wrap, used_wrap };
         *first_used_flags = first;
+        if completed > 0 {
+            // Elements of their own follow the first: it no longer stands for what comes next.
+            self.collapsing = false;
+        }
         self.used_added = self.used_added.wrapping_add(completed);
         self.used_total = self.used_total.wrapping_add(u32::from(completed));
         Ok(popped)

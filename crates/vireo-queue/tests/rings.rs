@@ -459,3 +459,53 @@ fn packed_positions_beyond_the_size_are_refused() {
         assert_eq!(b.queue.state(), good, "a refused state changes nothing");
     }
 }
+
+/// A packed ring under IN_ORDER: completions that wrote nothing, taken in order, are published as
+/// one used descriptor at the first one's place with the last one's id (2.8.23); one that wrote
+/// something gets a descriptor of its own, and later ones fold into nothing before it.
+#[test]
+fn packed_in_order_completions_that_wrote_nothing_are_one_descriptor() {
+    let mut b = Bench::new(true, 16, 1 << 20);
+    b.queue.set_in_order(true);
+    let r = b.buffer(64, false, 1);
+    let w = b.buffer(64, true, 0);
+    let (desc, _, _) = match b.drv.addrs() {
+        vireo_queue::RingAddrs::Packed { desc, driver, device } => (desc, driver, device),
+        _ => unreachable!(),
+    };
+    // Chains of 1, 2 and 1 descriptors (positions 0, 1-2, 3), then one that writes (4-5).
+    let ids: Vec<u16> = [&[r][..], &[r, r][..], &[r][..], &[r, w][..]]
+        .iter()
+        .map(|bufs| b.drv.add(&mut b.ram, bufs, false).unwrap())
+        .collect();
+    b.drv.publish(&b.ram);
+    let ((), _) = b
+        .queue
+        .process(|qb| {
+            let mut tokens = Vec::new();
+            while let Some(chain) = qb.pop().unwrap() {
+                tokens.push((chain.token(), chain.writable_len()));
+            }
+            assert_eq!(tokens.len(), 4);
+            // Transmit-like completions first, then the writing one on its own.
+            qb.add_used_many(tokens[..3].iter().map(|&(t, _)| (t, 0))).unwrap();
+            qb.add_used_many(std::iter::once((tokens[3].0, 64))).unwrap();
+        })
+        .unwrap();
+    let at = |slot: u64| {
+        let bytes = b.read(GuestPhysAddr::new(desc.raw() + 16 * slot), 16);
+        let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        let id = u16::from_le_bytes(bytes[12..14].try_into().unwrap());
+        let flags = u16::from_le_bytes(bytes[14..16].try_into().unwrap());
+        (len, id, flags)
+    };
+    const USED_BOTH: u16 = (1 << 7) | (1 << 15);
+    let (len, id, flags) = at(0);
+    assert_eq!((len, id, flags & USED_BOTH), (0, ids[2], USED_BOTH), "one used descriptor, the last id");
+    for slot in 1..4 {
+        assert_ne!(at(slot).2 & USED_BOTH, USED_BOTH, "position {slot} is not written as used");
+    }
+    let (len, id, flags) = at(4);
+    assert_eq!((len, id, flags & USED_BOTH), (64, ids[3], USED_BOTH), "a chain that wrote has its own");
+    assert_eq!(b.queue.state().next_used, 6, "the device's position moved past every descriptor");
+}

@@ -251,6 +251,7 @@ impl VhostUserBackend {
             VuError::InvalidParam
         })?;
         queue.set_vring_base(r.base).map_err(|_| VuError::InvalidParam)?;
+        queue.set_in_order(self.acked_features & vireo_wire::features::IN_ORDER != 0);
         if let Some((area, queue_size)) = self.inflight.as_ref() {
             if r.size > *queue_size {
                 return Err(invalid("ring larger than the inflight area's queue size"));
@@ -405,6 +406,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserBackend {
             // Misses could not be asked for.
             return Err(invalid("VIRTIO_F_ACCESS_PLATFORM without the backend channel"));
         }
+        tracing::debug!(features = format_args!("{features:#x}"), "features acknowledged");
         if (features ^ self.acked_features) & VHOST_F_LOG_ALL != 0 {
             tracing::info!(on = features & VHOST_F_LOG_ALL != 0, "dirty logging (VHOST_F_LOG_ALL)");
         }

@@ -415,6 +415,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
     churn_lat.sort_unstable();
     let pct = |v: &[u64], p: usize| if v.is_empty() { 0 } else { v[(v.len() - 1) * p / 100] };
     let out = json!({
+        "cpu": vireo_driver::cpu_model(),
         "rw": format!("{:?}", a.rw).to_lowercase(),
         "bs": a.bs,
         "iodepth": a.iodepth,
