@@ -19,7 +19,7 @@ use crate::chain::{Chain, Segments, DESC_F_AVAIL, DESC_F_USED};
 use crate::error::QueueError;
 use crate::inflight::Inflight;
 use crate::inflight_packed::PackedInflight;
-use crate::packed::{packed_available, packed_need_event};
+use crate::packed::{packed_available, packed_distance, packed_need_event};
 use crate::queue::{Kind, QueueConfig, QueueState, UsedToken};
 use crate::rings::{Area, Direct, Layout, RingAccess, Translated};
 use crate::split::split_cached_pop;
@@ -255,9 +255,36 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         if self.inflight.is_some() || self.packed_inflight.is_some() {
             return Err(QueueError::Config { what: "rewind with inflight tracking" });
         }
+        if let Kind::Packed { rewound_end, .. } = &mut *self.kind {
+            // Remember how far the device had taken chains, unless an earlier rewind reached
+            // further.
+            let here = (self.state.next_avail, self.state.avail_wrap);
+            let size = self.cfg.size;
+            let further = match *rewound_end {
+                Some(end) => {
+                    packed_distance(size, (pos.next_avail, pos.avail_wrap), end)
+                        < packed_distance(size, (pos.next_avail, pos.avail_wrap), here)
+                }
+                None => true,
+            };
+            if further {
+                *rewound_end = Some(here);
+            }
+        }
         self.state.next_avail = pos.next_avail;
         self.state.avail_wrap = pos.avail_wrap;
         Ok(())
+    }
+
+    /// A packed ring whose device position is back where it had taken chains to before it gave
+    /// some back: the kick event goes at the position again (`enable_notification`).
+    #[inline(always)]
+    fn passed_rewound_end(&mut self) {
+        if let Kind::Packed { rewound_end, .. } = &mut *self.kind {
+            if *rewound_end == Some((self.state.next_avail, self.state.avail_wrap)) {
+                *rewound_end = None;
+            }
+        }
     }
 
     /// Pops the next available chain, validated and resolved into host segments; `None` when
@@ -309,6 +336,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             if let Some((id, count)) =
                 crate::packed::packed_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs)
             {
+                self.passed_rewound_end();
                 if self.packed_inflight.is_some() {
                     self.packed_take(head_slot, count)?;
                 }
@@ -325,6 +353,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         };
         match res {
             Ok(Some((id, ring_descs))) => {
+                self.passed_rewound_end();
                 if self.inflight.is_some() {
                     self.inflight_record(id, Inflight::mark)?;
                 }
@@ -457,7 +486,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                 })
                 .map(|()| (Area::Device, off))
             }
-            Kind::Packed { first_used_flags } => {
+            Kind::Packed { first_used_flags, .. } => {
                 // An element of its own: the first descriptor no longer stands for what follows.
                 self.collapsing = false;
                 let slot = self.state.next_used;
@@ -554,7 +583,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// position moves on by this chain's descriptors); any other goes through `add_used`.
     fn add_used_in_order(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
         let head = match &*self.kind {
-            Kind::Packed { first_used_flags: Some((slot, _)) } if self.collapsing && len == 0 => *slot,
+            Kind::Packed { first_used_flags: Some((slot, _)), .. } if self.collapsing && len == 0 => *slot,
             _ => {
                 self.add_used(token, len)?;
                 // The element just written is the publication's first (its flags deferred) and
@@ -636,19 +665,20 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     Ok(idx != seen)
                 })
             }
-            Kind::Packed { .. } => {
-                // The event descriptor is the first one not available after the device's
-                // position (the same when nothing was left behind), for the reason above.
-                let mut probe = *self.state;
-                for _ in 0..size {
-                    if with_access!(self, r => packed_available(r, size, &probe))?.is_none() {
-                        break;
+            Kind::Packed { ref mut rewound_end, .. } => {
+                // The event descriptor is just past what the device has taken, chains given back
+                // included (the same as the device's position when nothing was given back), for
+                // the reason above. Not "the first descriptor not available now": a chain the
+                // driver made available since the device last looked would be passed over, and
+                // neither kicked for nor found by the check below.
+                let here = (self.state.next_avail, self.state.avail_wrap);
+                let (slot, wrap) = match *rewound_end {
+                    Some(end) if packed_distance(size, here, end) <= size => end,
+                    _ => {
+                        *rewound_end = None;
+                        here
                     }
-                    let (next, wrapped) = crate::packed::advance(probe.next_avail, 1, size);
-                    probe.next_avail = next;
-                    probe.avail_wrap ^= wrapped;
-                }
-                let (slot, wrap) = (probe.next_avail, probe.avail_wrap);
+                };
                 if self.cfg.event_idx {
                     let off_wrap = slot | (u16::from(wrap) << 15);
                     with_access!(self, r => {
@@ -730,7 +760,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     inf.published(self.state.next_used, self.used_added)?;
                 }
             }
-            Kind::Packed { ref mut first_used_flags } => {
+            Kind::Packed { ref mut first_used_flags, .. } => {
                 let first = first_used_flags.take();
                 if let Some(inf) = self.packed_inflight.as_mut() {
                     inf.publishing(self.state.next_used, self.state.used_wrap)?;

@@ -31,6 +31,16 @@ pub(crate) fn advance(slot: u16, n: u16, size: u16) -> (u16, bool) {
 /// driver's event offset `off_wrap` (2.8.10): an offset from the other lap counts one ring size
 /// back. Slots that wrapped in the batch make the distance look huge, which errs on the side of
 /// notifying.
+/// How many descriptors from position `from` to position `to` (each a slot and a wrap counter)
+/// going forward, in `0..2 * size`: at most `size` when `to` is not behind `from`.
+pub(crate) fn packed_distance(size: u16, from: (u16, bool), to: (u16, bool)) -> u16 {
+    let lin = |(slot, wrap): (u16, bool)| u32::from(slot) + if wrap { u32::from(size) } else { 0 };
+    let span = 2 * u32::from(size);
+    // Both below 2 * size <= 65536; the result is below 2 * size, which fits u16 except for a
+    // size of 32768 at exactly 65535 at most.
+    u16::try_from((lin(to) + span - lin(from)) % span).unwrap_or(u16::MAX)
+}
+
 pub(crate) fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, used_wrap: bool) -> bool {
     let mut off = off_wrap & 0x7fff;
     if (off_wrap & 0x8000 != 0) != used_wrap {
@@ -51,7 +61,8 @@ impl QueueBatch<'_, '_> {
         if self.broken.is_some() || self.packed_inflight.is_some() || self.logging {
             return Ok(0);
         }
-        let (Kind::Packed { first_used_flags }, Access::Direct(d)) = (&mut *self.kind, &self.access) else {
+        let (Kind::Packed { first_used_flags, rewound_end }, Access::Direct(d)) = (&mut *self.kind, &self.access)
+        else {
             return Ok(0);
         };
         let (mem, size) = (self.mem, self.cfg.size);
@@ -109,6 +120,10 @@ impl QueueBatch<'_, '_> {
                 avail_bits ^= BOTH;
             }
             popped += 1;
+            if *rewound_end == Some((next_avail, avail_wrap)) {
+                // Back where the device had taken chains to before it gave some back.
+                *rewound_end = None;
+            }
             let chain = Chain::new(id, count, segs);
             let Some(written) = f(&chain) else { continue };
             // SAFETY: next_used < size (the loop's condition; kept so below) and the ring's view

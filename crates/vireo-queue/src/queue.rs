@@ -89,8 +89,11 @@ pub(crate) enum Kind {
     /// has been read back from the ring since the position was set.
     Split { avail_shadow: u16, used_known: bool },
     /// `first_used_flags`: the slot and flags of the first used descriptor of the batch, written
-    /// last (2.8.21.2).
-    Packed { first_used_flags: Option<(u16, u16)> },
+    /// last (2.8.21.2). `rewound_end`: when chains were given back (`QueueBatch::rewind`), the
+    /// position (slot, wrap counter) just past what the device had taken: the packed
+    /// counterpart of `avail_shadow`, where a kick event goes so that new chains are signalled
+    /// and those given back are not.
+    Packed { first_used_flags: Option<(u16, u16)>, rewound_end: Option<(u16, bool)> },
 }
 
 /// A virtqueue: its configuration, the device's position, and its view of guest memory.
@@ -160,7 +163,10 @@ impl Queue {
                 check_area(desc, lens[0], 16)?;
                 check_area(driver, 4, 4)?;
                 check_area(device, 4, 4)?;
-                (Layout { gpa: [desc, driver, device], len: lens }, Kind::Packed { first_used_flags: None })
+                (
+                    Layout { gpa: [desc, driver, device], len: lens },
+                    Kind::Packed { first_used_flags: None, rewound_end: None },
+                )
             }
         };
         let state = QueueState { avail_wrap: true, used_wrap: true, ..QueueState::default() };
@@ -212,7 +218,10 @@ impl Queue {
                 *avail_shadow = state.next_avail;
                 *used_known = false;
             }
-            Kind::Packed { first_used_flags } => *first_used_flags = None,
+            Kind::Packed { first_used_flags, rewound_end } => {
+                *first_used_flags = None;
+                *rewound_end = None;
+            }
         }
         self.signalled = self.state.next_used;
         self.notify_off = None;

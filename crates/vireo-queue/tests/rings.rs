@@ -509,3 +509,39 @@ fn packed_in_order_completions_that_wrote_nothing_are_one_descriptor() {
     assert_eq!((len, id, flags & USED_BOTH), (64, ids[3], USED_BOTH), "a chain that wrote has its own");
     assert_eq!(b.queue.state().next_used, 6, "the device's position moved past every descriptor");
 }
+
+/// Re-enabling notifications on a packed ring reports a chain the driver made available while
+/// they were off (the worker would otherwise sleep on it, the driver having seen notifications
+/// off and not kicked), and does not report chains the device gave back, until a new one comes.
+#[test]
+fn packed_enable_notification_reports_new_chains_and_not_those_given_back() {
+    let mut b = Bench::new(true, 16, 1 << 20);
+    let r = b.buffer(64, false, 1);
+    let Bench { ram, drv, queue, .. } = &mut b;
+    for round in 0..20 {
+        let ((), _) = queue
+            .process(|qb| {
+                qb.disable_notification().unwrap();
+                drv.add(ram, &[r, r, r], false).unwrap();
+                drv.publish(ram);
+                assert!(qb.enable_notification().unwrap(), "round {round}: a chain made available meanwhile");
+                let start = qb.avail_position();
+                assert!(qb.pop().unwrap().is_some());
+                qb.rewind(start).unwrap();
+                assert!(!qb.enable_notification().unwrap(), "round {round}: only the chain given back");
+                drv.add(ram, &[r], false).unwrap();
+                drv.publish(ram);
+                assert!(qb.enable_notification().unwrap(), "round {round}: a new chain after the one given back");
+                let mut tokens = Vec::new();
+                while let Some(c) = qb.pop().unwrap() {
+                    tokens.push(c.token());
+                }
+                assert_eq!(tokens.len(), 2);
+                for t in tokens {
+                    qb.add_used(t, 0).unwrap();
+                }
+            })
+            .unwrap();
+        while drv.pop_used(ram).is_some() {}
+    }
+}
