@@ -1,12 +1,13 @@
 //! Side-by-side benchmarks of Vireo against its peers, in one run, as ratios.
 //!
-//! `cargo run --release -p vireo-benches -- memory --json`
+//! `cargo run --release -p vireo-benches -- memory|queue|net-invalidation --json`
 
 // Measurement arithmetic converts between counts, nanoseconds and floats on purpose.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
 
 mod harness;
 mod memory;
+mod net_churn;
 mod queue;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,17 @@ enum Bench {
     Memory,
     /// Per-chain cost of pop + walk + add used vs virtio-queue and a raw-pointer loop.
     Queue,
+    /// Invalidation reply latency while a 64-byte stream runs through the network device (guest
+    /// TX into the sink, guest RX from the source), and the packet rate kept, against the same
+    /// stream with no invalidations, interleaved.
+    NetInvalidation {
+        /// Memory-table changes per second during the "churn" runs.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds per run (default 5; 0.5 with --quick).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
 }
 
 fn main() {
@@ -37,6 +49,7 @@ fn main() {
     let mut out = match cli.bench {
         Bench::Memory => memory::run(cli.quick),
         Bench::Queue => queue::run(cli.quick),
+        Bench::NetInvalidation { rate, seconds } => net_churn::run(cli.quick, rate, seconds),
     };
     // Figures differ between kinds of CPU (BENCHMARKS.md keeps a table per machine).
     out["cpu"] = serde_json::Value::from(vireo_driver::cpu_model());

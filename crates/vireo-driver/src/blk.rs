@@ -169,8 +169,9 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 }
 
 /// Sleeps until one of the call eventfds fires or `timeout` passes, then drains them (a
-/// spurious wake-up just makes the caller poll the rings again).
-fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<(), BlkError> {
+/// spurious wake-up just makes the caller poll the rings again). Returns how many calls the
+/// eventfds had counted: every write the backend made since the last drain.
+fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<u64, BlkError> {
     // SAFETY: the eventfds are borrowed from the caller for the whole poll call.
     let borrowed: Vec<_> =
         calls.iter().map(|c| unsafe { std::os::fd::BorrowedFd::borrow_raw(c.as_raw_fd()) }).collect();
@@ -184,10 +185,11 @@ fn sleep_on(calls: &[&EventFd], timeout: Duration) -> Result<(), BlkError> {
         Ok(_) | Err(rustix::io::Errno::INTR) => {}
         Err(e) => return Err(BlkError::Io(e.into())),
     }
+    let mut counted = 0u64;
     for c in calls {
-        let _ = c.read();
+        counted = counted.saturating_add(c.read().unwrap_or(0));
     }
-    Ok(())
+    Ok(counted)
 }
 
 /// Sets ring `qi` up and enables it at `base`: size, base, addresses, both eventfds (libvhost-user
@@ -300,6 +302,26 @@ struct BlkQueue {
 /// A range of guest physical memory: start and length.
 pub type Extent = (u64, u64);
 
+/// The notifications that crossed between driver and backend, and the driver's sleeps: what an
+/// I/O costs in wake-ups on either side, counted by the driver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotifyCounts {
+    /// Kick eventfd writes (the backend asked to be notified).
+    pub kicks: u64,
+    /// Call eventfd writes the backend made, as the driver drained them (those since the last
+    /// sleep are not counted yet).
+    pub calls: u64,
+    /// Times the driver found nothing and slept on the call eventfds.
+    pub sleeps: u64,
+    /// Nanoseconds spent in those sleeps.
+    pub slept_ns: u64,
+}
+
+/// Packed ring event suppression flags (virtio 1.2, 2.8.10).
+const EVENT_ENABLE: u16 = 0;
+const EVENT_DISABLE: u16 = 1;
+const EVENT_DESC: u16 = 2;
+
 /// A finished request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -335,6 +357,7 @@ pub struct BlkDevice {
     responder: Option<MissResponder>,
     /// Misses answered on earlier connections.
     misses_before: u64,
+    notify: NotifyCounts,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -495,7 +518,11 @@ impl BlkDevice {
             iotlb: None,
             responder: None,
             misses_before: 0,
+            notify: NotifyCounts::default(),
         };
+        for q in 0..dev.queues.len() {
+            dev.disarm(q)?;
+        }
         dev.start(opts.inflight)?;
         Ok(dev)
     }
@@ -813,21 +840,57 @@ impl BlkDevice {
         if n > 0 || timeout.is_zero() {
             return Ok(n);
         }
-        if self.event_idx {
-            for queue in &self.queues {
-                if let Ring::Split(r) = &queue.ring {
-                    r.set_used_event(&self.ram, r.last_used())?;
-                }
-            }
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        for q in 0..self.queues.len() {
+            self.arm(q)?;
         }
-        let n = collect(self, out, &mut buf)?;
-        if n > 0 {
-            return Ok(n);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let mut n = collect(self, out, &mut buf)?;
+        if n == 0 {
+            let calls: Vec<&EventFd> = self.queues.iter().map(|q| &q.call).collect();
+            let t = Instant::now();
+            let counted = sleep_on(&calls, timeout)?;
+            self.notify.slept_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.notify.sleeps += 1;
+            self.notify.calls += counted;
+            n = collect(self, out, &mut buf)?;
         }
-        let calls: Vec<&EventFd> = self.queues.iter().map(|q| &q.call).collect();
-        sleep_on(&calls, timeout)?;
-        collect(self, out, &mut buf)
+        for q in 0..self.queues.len() {
+            self.disarm(q)?;
+        }
+        Ok(n)
+    }
+
+    /// Asks queue `q` for an interrupt at its next completion, as a guest driver re-enables its
+    /// callbacks before it sleeps: with EVENT_IDX, the split ring's used event or the packed
+    /// ring's event offset at what the driver has consumed; without it, the flags. The caller
+    /// fences and looks at the ring once more before sleeping.
+    fn arm(&self, q: usize) -> Result<(), BlkError> {
+        match &self.queues[q].ring {
+            Ring::Split(r) if self.event_idx => r.set_used_event(&self.ram, r.last_used())?,
+            Ring::Split(r) => r.set_no_interrupt(&self.ram, false)?,
+            Ring::Packed(r) if self.event_idx => r.set_driver_event(&self.ram, EVENT_DESC, r.device_position())?,
+            Ring::Packed(r) => r.set_driver_event(&self.ram, EVENT_ENABLE, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Queue `q` needs no interrupt while the driver is awake and looking at its rings (a guest
+    /// driver disables its callbacks while it processes). A split ring with EVENT_IDX needs no
+    /// write: its used event stays where the driver last slept, behind the device. Without
+    /// this, a packed ring asked for a call at every completion, which kept the driver's
+    /// eventfd readable so that it never slept: the two layouts measured different drivers.
+    fn disarm(&self, q: usize) -> Result<(), BlkError> {
+        match &self.queues[q].ring {
+            Ring::Split(_) if self.event_idx => {}
+            Ring::Split(r) => r.set_no_interrupt(&self.ram, true)?,
+            Ring::Packed(r) => r.set_driver_event(&self.ram, EVENT_DISABLE, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Kicks sent, calls received and sleeps so far.
+    pub fn notify_counts(&self) -> NotifyCounts {
+        self.notify
     }
 
     /// Disk size in 512-byte sectors.
@@ -930,6 +993,7 @@ impl BlkDevice {
         };
         if notify {
             queue.kick.write(1)?;
+            self.notify.kicks += 1;
         }
         Ok(())
     }
@@ -969,20 +1033,22 @@ impl BlkDevice {
             if left.is_zero() {
                 return Err(BlkError::Timeout(timeout));
             }
-            // Ask for an interrupt at the next completion (EVENT_IDX: used_event = what we have
-            // consumed), then look once more: a completion that landed in between would
-            // otherwise sleep until the timeout.
-            if let Ring::Split(r) = &self.queues[q].ring {
-                if self.event_idx {
-                    r.set_used_event(&self.ram, r.last_used())?;
-                }
-                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            }
+            // Ask for an interrupt at the next completion, then look once more: a completion
+            // that landed in between would otherwise sleep until the timeout.
+            self.arm(q)?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let n = self.poll(q, out)?;
+            if n == 0 {
+                let t = Instant::now();
+                let counted = sleep_on(&[&self.queues[q].call], left)?;
+                self.notify.slept_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.notify.sleeps += 1;
+                self.notify.calls += counted;
+            }
+            self.disarm(q)?;
             if n > 0 {
                 return Ok(n);
             }
-            sleep_on(&[&self.queues[q].call], left)?;
         }
     }
 

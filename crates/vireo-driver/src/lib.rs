@@ -15,7 +15,7 @@ pub mod pattern;
 mod ram;
 mod virtq;
 
-pub use blk::{BlkDevice, BlkError, BlkOptions, Completion};
+pub use blk::{BlkDevice, BlkError, BlkOptions, Completion, NotifyCounts};
 pub use iommu::IommuMode;
 pub use pattern::{pattern, XorShift};
 pub use ram::{GuestRam, RamError};

@@ -27,20 +27,19 @@ pub(crate) fn advance(slot: u16, n: u16, size: u16) -> (u16, bool) {
     (u16::try_from(next).unwrap_or(0), wrapped)
 }
 
-/// Whether moving the used position from `old` to `new` (slots, as QEMU keeps them) passed the
-/// driver's event offset `off_wrap` (2.8.10): an offset from the other lap counts one ring size
-/// back. Slots that wrapped in the batch make the distance look huge, which errs on the side of
-/// notifying.
 /// How many descriptors from position `from` to position `to` (each a slot and a wrap counter)
 /// going forward, in `0..2 * size`: at most `size` when `to` is not behind `from`.
 pub(crate) fn packed_distance(size: u16, from: (u16, bool), to: (u16, bool)) -> u16 {
     let lin = |(slot, wrap): (u16, bool)| u32::from(slot) + if wrap { u32::from(size) } else { 0 };
     let span = 2 * u32::from(size);
-    // Both below 2 * size <= 65536; the result is below 2 * size, which fits u16 except for a
-    // size of 32768 at exactly 65535 at most.
+    // Both positions are below 2 * size <= 65536, and so is the result: it fits a u16.
     u16::try_from((lin(to) + span - lin(from)) % span).unwrap_or(u16::MAX)
 }
 
+/// Whether moving the used position from `old` to `new` (slots, as QEMU keeps them) passed the
+/// driver's event offset `off_wrap` (2.8.10): an offset from the other lap counts one ring size
+/// back. Slots that wrapped in the batch make the distance look huge, which errs on the side of
+/// notifying.
 pub(crate) fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, used_wrap: bool) -> bool {
     let mut off = off_wrap & 0x7fff;
     if (off_wrap & 0x8000 != 0) != used_wrap {
@@ -48,6 +47,7 @@ pub(crate) fn packed_need_event(off_wrap: u16, size: u16, old: u16, new: u16, us
     }
     crate::split::vring_need_event(off, new, old)
 }
+
 impl QueueBatch<'_, '_> {
     /// `pop_each`'s loop on a cached packed ring (not while logging, nor with inflight
     /// tracking: those take `pop` and `add_used`). Stops at the first chain the cached walker

@@ -203,6 +203,27 @@ fn cpu_ns_of(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000_000 / hz)
 }
 
+/// Context switches of every thread of process `pid` (voluntary and not): each is a sleep or a
+/// preemption, and a sleep is followed by a wake-up someone paid for.
+fn context_switches_of(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            // The thread ended between the listing and the read.
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total = total.saturating_add(v.trim().parse::<u64>().unwrap_or(0));
+            }
+        }
+    }
+    Some(total)
+}
+
 /// A deterministic pattern for block `block`, generation `gen`.
 fn fill_pattern(buf: &mut [u8], block: u64, gen: u32) {
     let mut x = vireo_driver::XorShift::new(
@@ -283,6 +304,8 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
     let runtime = Duration::from_secs_f64(a.runtime.max(0.1));
     let cpu0 = cpu_ns_self();
     let backend0 = a.backend_pid.and_then(cpu_ns_of);
+    let switches0 = a.backend_pid.and_then(context_switches_of);
+    let notify0 = dev.notify_counts();
     let start = Instant::now();
     let mut next_report = start + Duration::from_secs(1);
     let mut next_churn = (a.churn > 0).then(|| start + Duration::from_secs_f64(1.0 / f64::from(a.churn)));
@@ -384,6 +407,11 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = cpu_ns_self().saturating_sub(cpu0);
+    let notify = dev.notify_counts();
+    let backend_switches = match (a.backend_pid, switches0) {
+        (Some(pid), Some(s0)) => context_switches_of(pid).map(|s| s.saturating_sub(s0)),
+        _ => None,
+    };
     let backend_cpu = match (a.backend_pid, backend0) {
         (Some(pid), Some(c0)) => cpu_ns_of(pid).map(|c| c.saturating_sub(c0)),
         _ => None,
@@ -412,6 +440,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
     let dirty = if a.log_all { Some(dev.dirty_pages()?) } else { None };
     let iops = ios as f64 / elapsed;
     let per_io = |ns: u64| if ios == 0 { 0.0 } else { ns as f64 / ios as f64 };
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
     churn_lat.sort_unstable();
     let pct = |v: &[u64], p: usize| if v.is_empty() { 0 } else { v[(v.len() - 1) * p / 100] };
     let out = json!({
@@ -428,6 +457,15 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
         "lat_ns": { "p50": hist.percentile(50.0), "p99": hist.percentile(99.0), "p999": hist.percentile(99.9) },
         "cpu_ns_per_io": per_io(cpu),
         "backend_cpu_ns_per_io": backend_cpu.map(per_io),
+        // What an I/O costs in notifications and sleeps: the driver's kicks, the backend's calls
+        // (as the driver drained them), the driver's sleeps, and the backend's context switches.
+        "per_io": {
+            "kicks": round3(per_io(notify.kicks - notify0.kicks)),
+            "calls": round3(per_io(notify.calls - notify0.calls)),
+            "driver_sleeps": round3(per_io(notify.sleeps - notify0.sleeps)),
+            "driver_slept_ns": round3(per_io(notify.slept_ns - notify0.slept_ns)),
+            "backend_context_switches": backend_switches.map(|n| round3(per_io(n))),
+        },
         "verified_blocks": verified,
         "churn": {
             "kind": if a.iommu.is_some() { "iotlb-invalidate" } else { "mem-table" },
@@ -455,6 +493,14 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
             hist.percentile(99.9) as f64 / 1000.0,
             per_io(cpu),
             backend_cpu.map(|c| format!(" (backend {:.0} ns)", per_io(c))).unwrap_or_default(),
+        );
+        println!(
+            "per I/O: {:.3} kicks, {:.3} calls, {:.3} driver sleeps ({:.0} ns asleep){}",
+            per_io(notify.kicks - notify0.kicks),
+            per_io(notify.calls - notify0.calls),
+            per_io(notify.sleeps - notify0.sleeps),
+            per_io(notify.slept_ns - notify0.slept_ns),
+            backend_switches.map(|n| format!(", {:.3} backend context switches", per_io(n))).unwrap_or_default(),
         );
         if a.verify {
             println!(
