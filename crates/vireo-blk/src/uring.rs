@@ -302,32 +302,65 @@ impl UringEngine {
     /// ring does not end the wait (the loop reaps what is there and tries again, backing off):
     /// when in doubt the region stays mapped, and the invalidation that needs it waits.
     pub(crate) fn discard(&mut self) {
-        let mut failures = 0u32;
-        while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => failures = 0,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if failures == 0 {
-                        tracing::error!(queue = self.queue, error = %e, in_flight = self.in_flight, "waiting for I/O to discard failed; retrying");
-                    }
-                    failures = failures.saturating_add(1);
-                    // EBUSY (completions to reap first), EAGAIN or ENOMEM pass; the reap below
-                    // makes room, and the back-off keeps a persistent error from spinning.
-                    std::thread::sleep(std::time::Duration::from_millis(u64::from(failures.min(100))));
-                }
-            }
-            self.unsubmitted = 0;
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for ud in done {
-                if let Some(slot) = usize::try_from(ud).ok().filter(|&s| s < self.slab.len()) {
-                    if self.slab[slot].take().is_some() {
-                        self.free.push(slot);
-                        self.in_flight -= 1;
+        let queue = self.queue;
+        let mut in_flight = self.in_flight;
+        wait_out(
+            self,
+            &mut in_flight,
+            |this| {
+                let r = this.ring.submit_and_wait(1).map(|_| ());
+                this.unsubmitted = 0;
+                r
+            },
+            |this| {
+                let mut reaped = 0;
+                let done: Vec<u64> = this.ring.completion().map(|c| c.user_data()).collect();
+                for ud in done {
+                    if let Some(slot) = usize::try_from(ud).ok().filter(|&s| s < this.slab.len()) {
+                        if this.slab[slot].take().is_some() {
+                            this.free.push(slot);
+                            reaped += 1;
+                        }
                     }
                 }
+                this.in_flight -= reaped;
+                reaped
+            },
+            |failures, e, left| {
+                if failures == 1 {
+                    tracing::error!(queue, error = %e, in_flight = left, "waiting for I/O to discard failed; retrying");
+                }
+            },
+        );
+    }
+}
+
+/// Waits until `in_flight` requests have all been reaped: `wait` blocks for at least one
+/// completion, `reap` takes the completions there are and says how many. An error from `wait`
+/// does not end the wait (see [`UringEngine::discard`]): it is reported (`report` with the count
+/// of failures in a row) and retried after a back-off that grows to 100 ms, so that a persistent
+/// error does not spin.
+fn wait_out<S>(
+    state: &mut S,
+    in_flight: &mut usize,
+    mut wait: impl FnMut(&mut S) -> std::io::Result<()>,
+    mut reap: impl FnMut(&mut S) -> usize,
+    mut report: impl FnMut(u32, &std::io::Error, usize),
+) {
+    let mut failures = 0u32;
+    while *in_flight > 0 {
+        match wait(state) {
+            Ok(()) => failures = 0,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                report(failures, &e, *in_flight);
+                // EBUSY (completions to reap first), EAGAIN or ENOMEM pass; the reap below
+                // makes room, and the back-off keeps a persistent error from spinning.
+                std::thread::sleep(std::time::Duration::from_millis(u64::from(failures.min(100))));
             }
         }
+        *in_flight = in_flight.saturating_sub(reap(state));
     }
 }
 
@@ -336,5 +369,70 @@ impl Drop for UringEngine {
         // The kernel may still write into guest memory for requests in flight: wait for them
         // before their pins (and the ring) go.
         self.discard();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wait_out;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// The ring's wait failing (as `submit_and_wait` can with EBUSY, ENOMEM or worse) does not
+    /// end the wait for requests in flight: their pins, and the guest memory the kernel may still
+    /// write into, stay until every one is reaped. (The earlier drain returned at the first such
+    /// error with requests in flight, and the ring and the pins went with it.)
+    #[test]
+    fn an_error_from_the_ring_does_not_end_the_wait_for_requests_in_flight() {
+        // Two requests the "kernel" completes 60 ms from now; every wait before then fails.
+        let completes_at = Instant::now() + Duration::from_millis(60);
+        let completed = Arc::new(AtomicUsize::new(0));
+        let mut in_flight = 2usize;
+        let (mut waits, mut errors) = (0u32, 0u32);
+        wait_out(
+            &mut (),
+            &mut in_flight,
+            |()| {
+                waits += 1;
+                if Instant::now() < completes_at {
+                    Err(std::io::Error::from_raw_os_error(libc::EBADF))
+                } else {
+                    completed.store(2, Ordering::Relaxed);
+                    Ok(())
+                }
+            },
+            |()| completed.swap(0, Ordering::Relaxed),
+            |failures, _, left| {
+                errors = failures;
+                assert_eq!(left, 2, "nothing was reaped while the ring failed");
+            },
+        );
+        assert_eq!(in_flight, 0);
+        assert!(Instant::now() >= completes_at, "returned before the requests completed");
+        assert!(errors >= 2 && waits > errors, "the failing waits were retried ({errors} errors, {waits} waits)");
+    }
+
+    /// Interrupted waits are retried at once, and completions reaped one at a time count down.
+    #[test]
+    fn interrupted_waits_retry_and_completions_count_down() {
+        let mut in_flight = 3usize;
+        let mut calls = 0u32;
+        wait_out(
+            &mut (),
+            &mut in_flight,
+            |()| {
+                calls += 1;
+                if calls % 2 == 1 {
+                    Err(std::io::Error::from(std::io::ErrorKind::Interrupted))
+                } else {
+                    Ok(())
+                }
+            },
+            |()| 1,
+            |_, e, _| panic!("an interrupted wait is not a failure: {e}"),
+        );
+        assert_eq!(in_flight, 0);
+        assert_eq!(calls, 6);
     }
 }
