@@ -11,12 +11,11 @@
 //! every transmit chain completed was either moved or counted as dropped or refused.
 #![no_main]
 
-use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_driver::GuestRam;
 use vireo_memory::GuestPhysAddr;
@@ -78,13 +77,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let mut backend = VhostUserBackend::new(device, true, 1, DEFAULT_POLL_MAX);
-    let regions: Vec<VhostUserMemoryRegion> = ram
-        .files()
-        .iter()
-        .map(|&(gpa, len, _)| VhostUserMemoryRegion::new(gpa.raw(), len, ram.user_addr(gpa).expect("user"), 0))
-        .collect();
-    let files: Vec<File> =
-        ram.files().iter().map(|&(_, _, fd)| File::from(fd.try_clone_to_owned().expect("dup"))).collect();
+    let (regions, files) = ram.mem_table().expect("memory table");
     backend.set_mem_table(&regions, files, None).expect("memory table");
     let offered = backend.get_features().expect("features");
     backend.set_features(offered & bits(data[1])).expect("acked features");

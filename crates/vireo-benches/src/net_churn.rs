@@ -15,14 +15,13 @@
 //! Runs alternate between "steady" (no changes) and "churn" (changes at `rate` per second), A B A
 //! B, each for the same time; the packet rate is read from the device's own counters.
 
-use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_driver::{Buffer, GuestRam, SplitDriver};
 use vireo_memory::GuestPhysAddr;
@@ -115,14 +114,7 @@ impl Stream {
     }
 
     fn set_mem_table(&mut self) {
-        let regions: Vec<VhostUserMemoryRegion> = self
-            .ram
-            .files()
-            .iter()
-            .map(|&(gpa, size, _)| VhostUserMemoryRegion::new(gpa.raw(), size, self.ram.user_addr(gpa).unwrap(), 0))
-            .collect();
-        let files: Vec<File> =
-            self.ram.files().iter().map(|&(_, _, fd)| File::from(fd.try_clone_to_owned().expect("dup"))).collect();
+        let (regions, files) = self.ram.mem_table().expect("memory table");
         self.backend.set_mem_table(&regions, files, None).expect("SET_MEM_TABLE");
     }
 

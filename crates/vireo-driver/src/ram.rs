@@ -3,6 +3,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 
+use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vireo_memory::mmap::Mapping;
 use vireo_memory::{GuestPhysAddr, GuestSlice, RegionSpec, UserAddr};
 
@@ -141,6 +142,18 @@ impl GuestRam {
     /// Each region's guest address, size and file (for a peer that maps the same memory itself).
     pub fn files(&self) -> Vec<(GuestPhysAddr, u64, std::os::fd::BorrowedFd<'_>)> {
         self.regions.iter().map(|r| (GuestPhysAddr::new(r.gpa), r.size, r.fd.as_fd())).collect()
+    }
+
+    /// The memory table a frontend sends for this RAM (SET_MEM_TABLE): each region with the
+    /// driver's own address of it as the user address, and a duplicate of its file to pass.
+    pub fn mem_table(&self) -> Result<(Vec<VhostUserMemoryRegion>, Vec<std::fs::File>), RamError> {
+        let mut regions = Vec::with_capacity(self.regions.len());
+        let mut files = Vec::with_capacity(self.regions.len());
+        for (gpa, size, fd) in self.files() {
+            regions.push(VhostUserMemoryRegion::new(gpa.raw(), size, self.user_addr(gpa)?, 0));
+            files.push(std::fs::File::from(fd.try_clone_to_owned()?));
+        }
+        Ok((regions, files))
     }
 
     /// Allocates `len` bytes aligned to `align` (a power of two), zeroed. An allocation may run

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_driver::{GuestRam, SplitDriver};
 use vireo_memory::GuestPhysAddr;
@@ -58,14 +58,7 @@ impl Rig {
     }
 
     fn set_mem_table(&mut self) {
-        let regions: Vec<VhostUserMemoryRegion> = self
-            .ram
-            .files()
-            .iter()
-            .map(|&(gpa, size, _)| VhostUserMemoryRegion::new(gpa.raw(), size, self.ram.user_addr(gpa).unwrap(), 0))
-            .collect();
-        let files: Vec<File> =
-            self.ram.files().iter().map(|&(_, _, fd)| File::from(fd.try_clone_to_owned().unwrap())).collect();
+        let (regions, files) = self.ram.mem_table().unwrap();
         self.backend.set_mem_table(&regions, files, None).unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vireo_blk::{BlkConfig, BlkDevice, Storage};
 use vireo_driver::{GuestRam, SplitDriver};
@@ -16,13 +16,7 @@ pub fn polled_ring(serial: &str) -> (VhostUserBackend, GuestRam, SplitDriver) {
     let mut backend = VhostUserBackend::new(Arc::new(device), false, 1, vireo_vhost::DEFAULT_POLL_MAX);
     let mut ram = GuestRam::single(4 << 20).unwrap();
     let drv = SplitDriver::new(&mut ram, 16).unwrap();
-    let regions: Vec<VhostUserMemoryRegion> = ram
-        .files()
-        .iter()
-        .map(|&(gpa, size, _)| VhostUserMemoryRegion::new(gpa.raw(), size, ram.user_addr(gpa).unwrap(), 0))
-        .collect();
-    let files: Vec<std::fs::File> =
-        ram.files().iter().map(|&(_, _, fd)| std::fs::File::from(fd.try_clone_to_owned().unwrap())).collect();
+    let (regions, files) = ram.mem_table().unwrap();
     backend.set_mem_table(&regions, files, None).unwrap();
     let features = backend.get_features().unwrap() & !(1 << 34) & !(1 << 33); // split ring, no vIOMMU
     backend.set_features(features).unwrap();
