@@ -14,10 +14,10 @@ side. Prints one line per run and a JSON summary with the CPU model; exits non-z
 moved nothing. Removes every namespace, socket and DPDK runtime directory it made.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,28 +27,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIREO = os.path.join(ROOT, "target", "release", "vireo")
 NS = f"vireo-bench-tap-{os.getpid()}"
+
+# The process helpers of the DPDK comparison (starting and stopping a process group, the CPU
+# model), shared rather than written again.
+_spec = importlib.util.spec_from_file_location("bench_net", os.path.join(ROOT, "scripts", "bench-net.py"))
+bench_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_net)
+start, stop, cpu_model = bench_net.start, bench_net.stop, bench_net.cpu_model
 TAP = "vbtap0"
-
-
-def cpu_model():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def start(cmd, log):
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop(p):
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGINT)
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def ns(*cmd):
@@ -67,12 +53,6 @@ def cpu_ns(pid):
     except OSError:
         return 0
     return (int(rest[11]) + int(rest[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-
-
-def backend_pid(p):
-    """The backend process under `ip netns exec` (which execs, so it is the same pid) and
-    `taskset` (which execs too)."""
-    return p.pid
 
 
 def run_one(backend, size, ring, seconds, tmp):
@@ -105,7 +85,8 @@ def run_one(backend, size, ring, seconds, tmp):
                 break
             time.sleep(0.1)
         time.sleep(2)
-        pid = backend_pid(b)
+        # `ip netns exec` and `taskset` both exec: the backend runs as the started process.
+        pid = b.pid
         r0, c0, t0 = tap_rx(), cpu_ns(pid), time.monotonic()
         time.sleep(seconds)
         r1, c1, t1 = tap_rx(), cpu_ns(pid), time.monotonic()

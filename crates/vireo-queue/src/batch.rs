@@ -202,7 +202,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         while n < max {
             let next = match self.pop_cached_id() {
                 Some(got) => Some(got),
-                None => self.pop_unbounded_id()?,
+                None => self.pop_uncached_id()?,
             };
             let Some((id, ring_descs)) = next else { break };
             self.budget -= 1;
@@ -312,11 +312,11 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     }
 
     /// The cached walkers alone, for a queue with no inflight record: the next chain's id and
-    /// ring descriptors, or `None` for "look with `pop_unbounded_id`" (nothing known available,
-    /// or a doubt). A small return value, kept in registers: through the large `Result` of
-    /// `pop_unbounded_id` the id and count were stored to the stack in pieces and loaded back
-    /// whole, a store-forwarding stall on every chain of a burst (a quarter of the sink's
-    /// samples on packed rings).
+    /// ring descriptors, or `None` for "look with [`QueueBatch::pop_uncached_id`]" (nothing
+    /// known available, or a doubt). A small return value, kept in registers: through the large
+    /// `Result` the id and count were stored to the stack in pieces and loaded back whole, a
+    /// store-forwarding stall on every chain of a burst (a quarter of the sink's samples on
+    /// packed rings).
     #[inline(always)]
     fn pop_cached_id(&mut self) -> Option<(u16, u16)> {
         if self.inflight.is_some() || self.packed_inflight.is_some() {
@@ -343,6 +343,19 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// `pop` without the batch's bound (charged only when a chain is taken).
     #[inline(always)]
     fn pop_unbounded_id(&mut self) -> Result<Option<(u16, u16)>, QueueError> {
+        match self.pop_cached_id() {
+            Some(got) => Ok(Some(got)),
+            None => self.pop_uncached_id(),
+        }
+    }
+
+    /// What [`QueueBatch::pop_unbounded_id`] does once [`QueueBatch::pop_cached_id`] found
+    /// nothing: chains to resubmit, the cached walkers of a queue with an inflight record (which
+    /// records what they take), and the general walkers.
+    #[inline(always)]
+    fn pop_uncached_id(&mut self) -> Result<Option<(u16, u16)>, QueueError> {
+        // Without an inflight record the cached walkers have been tried already.
+        let cached_tried = self.inflight.is_none() && self.packed_inflight.is_none();
         if let Some(inf) = self.inflight.as_ref() {
             if !inf.resubmit.is_empty() {
                 return self.pop_resubmit();
@@ -351,7 +364,8 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
         // On the cached path, a known-available entry goes through the cached walker first. Any
         // doubt takes the general walker, which starts over and does every check; nothing but the
         // segment list (and the batch's pins and window) is changed unless this succeeds.
-        if let (Kind::Split { avail_shadow, .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
+        if let (Kind::Split { avail_shadow, .. }, Access::Direct(d), false) = (&*self.kind, &self.access, cached_tried)
+        {
             if self.state.next_avail != *avail_shadow {
                 if let Some(id) = split_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs) {
                     if self.inflight.is_some() {
@@ -365,7 +379,7 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             return self.pop_resubmit_packed();
         }
         let head_slot = self.state.next_avail;
-        if let (Kind::Packed { .. }, Access::Direct(d)) = (&*self.kind, &self.access) {
+        if let (Kind::Packed { .. }, Access::Direct(d), false) = (&*self.kind, &self.access, cached_tried) {
             if let Some((id, count)) =
                 crate::packed::packed_cached_pop(d, self.mem, self.cfg.size, self.state, self.segs)
             {
@@ -566,8 +580,10 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
     /// `add_used`.
     pub fn add_used_many(&mut self, done: impl IntoIterator<Item = (UsedToken, u32)>) -> Result<(), QueueError> {
         if self.in_order && self.packed_inflight.is_none() && matches!(&*self.kind, Kind::Packed { .. }) {
-            // Completions folded into the publication's head write its id once, at the end of
-            // the run: the last one's.
+            // A packed ring under IN_ORDER: a completion that wrote nothing, after one that
+            // wrote nothing and whose flags are not written yet, is folded into it (the position
+            // moves on by its descriptors; the head's id becomes the last folded one's, written
+            // once at the end of the run); any other goes through `add_used`.
             let mut folded: Option<(u16, u16)> = None;
             for (t, len) in done {
                 if let Some(head) = self.folding_head(len) {
@@ -577,7 +593,10 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
                     if let Some((head, id)) = folded.take() {
                         self.write_folded_id(head, id)?;
                     }
-                    self.add_used_in_order(t, len)?;
+                    self.add_used(t, len)?;
+                    // The element just written is the publication's first (its flags deferred)
+                    // and wrote nothing: later ones may fold into it.
+                    self.collapsing = len == 0 && self.used_added == 1;
                 }
             }
             if let Some((head, id)) = folded {
@@ -623,25 +642,6 @@ impl<'b, 'q> QueueBatch<'b, 'q> {
             }
         }
         Ok(())
-    }
-
-    /// A packed ring under IN_ORDER: a completion that wrote nothing, after one that wrote nothing
-    /// and whose flags are not written yet, is folded into it (its id becomes this chain's; the
-    /// position moves on by this chain's descriptors); any other goes through `add_used`.
-    fn add_used_in_order(&mut self, token: UsedToken, len: u32) -> Result<(), QueueError> {
-        match self.folding_head(len) {
-            Some(head) => {
-                self.fold_in_order(token);
-                self.write_folded_id(head, token.id)
-            }
-            None => {
-                self.add_used(token, len)?;
-                // The element just written is the publication's first (its flags deferred) and
-                // wrote nothing: later ones may fold into it.
-                self.collapsing = len == 0 && self.used_added == 1;
-                Ok(())
-            }
-        }
     }
 
     /// The slot of the used descriptor a completion of `len` bytes folds into (in order, packed:
