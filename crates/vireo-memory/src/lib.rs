@@ -47,7 +47,7 @@ pub use access::GuestSlice;
 pub use addr::{GuestPhysAddr, UserAddr, LOG_PAGE_SIZE};
 pub use dirty::{DirtyLog, LogCache};
 pub use error::MemoryError;
-pub use guest::{Batch, CachedRange, GuestMemory, IoPin, Piece, QueueHandle, QueueMemory, Window};
+pub use guest::{Batch, CachedRange, GuestMemory, IoPin, Piece, QueueHandle, QueueMemory, Window, WindowLimits};
 pub use iotlb::{IotlbEntry, IotlbFault, IotlbTable, Perm, MAX_IOTLB_ENTRIES};
 pub use map::{MemoryMap, Region, RegionSpec, Translation, MAX_REGIONS, REGION_ALIGN};
 pub use mmap::{live_mappings, memfd, Mapping, RetireMode};

@@ -394,6 +394,44 @@ mod iotlb {
         assert!(b.check_access(gpa(IOVA), 0x2000, Perm::RW).is_ok());
     }
 
+    /// `WindowLimits::locate` answers as the window does, for every class: a refused class,
+    /// an empty buffer and a readable one after the order bit are refused, and otherwise the
+    /// host and guest physical addresses are the window's, at every edge of an IOVA window
+    /// whose guest physical addresses differ and which is read-only.
+    #[test]
+    fn window_limits_locate_as_the_window_translates() {
+        let (_a, mem) = behind_iommu();
+        map(&mem, IOVA + 0x10000, 0x2000, 0x8000, Perm::READ);
+        map(&mem, IOVA + 0x20000, 0x2000, 0x9000, Perm::RW);
+        let mut q = mem.register_queue();
+        for base in [IOVA + 0x10000, IOVA + 0x20000] {
+            let b = q.batch(&[]);
+            b.translate_piece(gpa(base), 1, Perm::READ, false).unwrap();
+            let window = b.window();
+            let limits = window.limits();
+            let addrs =
+                [0, base - 1, base, base + 1, base + 0xfff, base + 0x1fff, base + 0x2000, u64::MAX, u64::MAX - 7];
+            let lens = [0u32, 1, 8, 0x1000, 0x2000, 0x2001, u32::MAX];
+            for addr in addrs {
+                for len in lens {
+                    for class in 0..8usize {
+                        let writable = class & 1 != 0;
+                        let refused = class & 2 != 0 || (class & 4 != 0 && !writable) || len == 0;
+                        let want = if refused {
+                            None
+                        } else {
+                            window
+                                .translate_for(gpa(addr), len, writable)
+                                .map(|p| (p.slice.as_ptr() as usize, p.phys.raw()))
+                        };
+                        assert_eq!(limits.locate(addr, len, class), want, "{addr:#x}+{len:#x} class {class}");
+                    }
+                }
+            }
+            assert_eq!(limits.slot(), b.translate_piece(gpa(base), 1, Perm::READ, false).unwrap().slot);
+        }
+    }
+
     /// The reply to an invalidation is the barrier: it waits for a batch that translated through
     /// the IOTLB and for an I/O pin taken in it, and afterwards the IOVA misses and a ring cache
     /// filled through it is gone.

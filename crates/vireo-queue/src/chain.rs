@@ -34,16 +34,64 @@ pub const DESC_F_USED: u16 = 1 << 15;
 pub const MAX_INDIRECT: u32 = 32768;
 
 /// One contiguous piece of a buffer in host memory.
+///
+/// `repr(C)`, with the length, slot and right in the third word, so that the cached walkers
+/// write a segment with three stores ([`RawSeg::write`]).
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct RawSeg {
     pub host: usize,
-    pub len: u32,
     /// Guest physical address (what the dirty log records; behind an IOTLB not the IOVA the
     /// descriptor named).
     pub gpa: u64,
+    pub len: u32,
     /// The protocol slot of the region it is in (what an I/O pins).
     pub slot: u16,
     pub writable: bool,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<RawSeg>() == 24);
+    assert!(std::mem::offset_of!(RawSeg, len) == 16);
+    assert!(std::mem::offset_of!(RawSeg, slot) == 20);
+    assert!(std::mem::offset_of!(RawSeg, writable) == 22);
+    // `RawSeg::write` stores the third word as one u64: its low bytes are `len`'s.
+    assert!(cfg!(target_endian = "little"));
+};
+
+impl RawSeg {
+    /// The third word of a segment of `len` bytes in `slot` (`slot_word`: the slot shifted to
+    /// bits 32-47), `writable` (0 or 1) or not.
+    #[inline(always)]
+    pub fn meta(len: u32, slot_word: u64, writable: u64) -> u64 {
+        u64::from(len) | slot_word | (writable << 48)
+    }
+
+    /// `slot` where [`RawSeg::meta`] wants it.
+    #[inline(always)]
+    pub fn slot_word(slot: u16) -> u64 {
+        u64::from(slot) << 32
+    }
+
+    /// Writes the segment at `host`, `gpa` with the third word `meta` (from [`RawSeg::meta`])
+    /// to `out`, as three words.
+    ///
+    /// # Safety
+    /// `out` is valid for writing a `RawSeg` (aligned, in an allocation). `meta`'s bits 48-55
+    /// are 0 or 1 (a `bool`) and its bits 56-63 zero (padding): `meta` guarantees both when
+    /// `writable` is 0 or 1.
+    #[inline(always)]
+    pub unsafe fn write(out: *mut RawSeg, host: usize, gpa: u64, meta: u64) {
+        let w = out.cast::<u64>();
+        // SAFETY: the caller's contract; the layout is fixed by repr(C) and checked above
+        // (host at 0, gpa at 8, len/slot/writable at 16-22 of a little-endian word), and every
+        // byte written holds a valid value of its field.
+        unsafe {
+            w.write(host as u64);
+            w.add(1).write(gpa);
+            w.add(2).write(meta);
+        }
+    }
 }
 
 /// A chain's byte totals and whether a writable buffer was seen: read and written as one unit,

@@ -57,6 +57,75 @@ impl<'b> Window<'b> {
     }
 }
 
+/// A [`Window`] laid out for a loop that checks many buffers in a row (the segments of a
+/// chain): the rights, the bounds and the non-empty length of a buffer in one table load and one
+/// compare, its host and guest physical addresses in one add each.
+///
+/// The table is indexed by a buffer's class: bit 0 set for a buffer the device writes, bit 1
+/// set to refuse the buffer, bit 2 set to refuse it if the device reads it. Bits 1 and 2 let a
+/// caller fold its own rules into the same compare: the virtqueue walks refuse an indirect
+/// descriptor inside a chain with bit 1 (its flag is the bit above WRITE), and a readable buffer
+/// after a writable one (2.7.4.2) with bit 2.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowLimits<'b> {
+    gpa: u64,
+    /// The window's mapping address minus `gpa`, wrapping: the host address of `addr` is
+    /// `addr + host_delta`.
+    host_delta: u64,
+    /// `phys - gpa`, wrapping.
+    phys_delta: u64,
+    /// By class: the length a buffer of that class may reach from `gpa` (0: refused).
+    lim: [u64; 8],
+    slot: u16,
+    _batch: std::marker::PhantomData<&'b ()>,
+}
+
+impl<'b> Window<'b> {
+    /// The window as [`WindowLimits`].
+    #[inline(always)]
+    pub fn limits(&self) -> WindowLimits<'b> {
+        let l = &self.last;
+        WindowLimits {
+            gpa: l.gpa,
+            host_delta: (l.host as u64).wrapping_sub(l.gpa),
+            phys_delta: l.phys.wrapping_sub(l.gpa),
+            lim: [l.lim[0], l.lim[1], 0, 0, 0, l.lim[1], 0, 0],
+            slot: l.slot,
+            _batch: std::marker::PhantomData,
+        }
+    }
+}
+
+impl WindowLimits<'_> {
+    /// The host address and the guest physical address of `len` bytes at `addr` for a buffer of
+    /// `class` (see the type), when the buffer is not empty and lies inside the window with the
+    /// rights its class asks for. The host address is valid for the batch the window borrows, as
+    /// a [`Piece`]'s is.
+    #[inline(always)]
+    pub fn locate(&self, addr: u64, len: u32, class: usize) -> Option<(usize, u64)> {
+        let lim = self.lim[class & 7];
+        let off = addr.wrapping_sub(self.gpa);
+        // The offset of the buffer's last byte: `len - 1` wraps to u64::MAX for an empty buffer
+        // and saturates, as an address below the window (a huge `off`) does, so one compare
+        // refuses both, and an offset past the end, and a class refused (lim 0).
+        let last = off.saturating_add(u64::from(len).wrapping_sub(1));
+        if last >= lim {
+            return None;
+        }
+        // off + len <= lim, a mapping's length: `addr + host_delta` is `host + off`, inside the
+        // mapping, and fits usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let host = addr.wrapping_add(self.host_delta) as usize;
+        Some((host, addr.wrapping_add(self.phys_delta)))
+    }
+
+    /// The window's protocol slot (what an I/O on a buffer in it pins).
+    #[inline(always)]
+    pub fn slot(&self) -> u16 {
+        self.slot
+    }
+}
+
 impl LastRegion {
     /// No region: every address falls outside it.
     pub(super) const NONE: LastRegion =

@@ -32,7 +32,7 @@ mod batch;
 mod control;
 mod reader;
 
-pub use batch::{Batch, IoPin, Piece, Window};
+pub use batch::{Batch, IoPin, Piece, Window, WindowLimits};
 use batch::{LastRegion, PinList};
 pub use control::{GuestMemory, QueueHandle};
 use reader::LocalCache;
