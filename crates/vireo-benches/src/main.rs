@@ -1,6 +1,6 @@
 //! Side-by-side benchmarks of Vireo against its peers, in one run, as ratios.
 //!
-//! `cargo run --release -p vireo-benches -- memory|queue|net-invalidation --json`
+//! `cargo run --release -p vireo-benches -- memory|queue|net-invalidation|net-profile --json`
 
 // Measurement arithmetic converts between counts, nanoseconds and floats on purpose.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
@@ -42,6 +42,14 @@ enum Bench {
         #[arg(long)]
         seconds: Option<f64>,
     },
+    /// For profiling the network device: `--frames` 64-byte frames through it in each direction,
+    /// event-driven (a kick per refill), with the frames moved. Under callgrind (see
+    /// BENCHMARKS.md) it gives instructions per frame.
+    NetProfile {
+        /// Frames to move in each direction.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+    },
 }
 
 fn main() {
@@ -50,6 +58,7 @@ fn main() {
         Bench::Memory => memory::run(cli.quick),
         Bench::Queue => queue::run(cli.quick),
         Bench::NetInvalidation { rate, seconds } => net_churn::run(cli.quick, rate, seconds),
+        Bench::NetProfile { frames } => net_churn::profile(if cli.quick { frames.min(10_000) } else { frames }),
     };
     // Figures differ between kinds of CPU (BENCHMARKS.md keeps a table per machine).
     out["cpu"] = serde_json::Value::from(vireo_driver::cpu_model());

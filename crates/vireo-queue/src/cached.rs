@@ -270,6 +270,23 @@ fn single(segs: &mut Segments, lo: u64, hi: u64, writable: bool, win: &Windowed<
     true
 }
 
+/// [`single`] against the batch's window as it is, for a caller that takes one chain and would
+/// lay out the window's limits for nothing when the chain is a single buffer.
+#[inline(always)]
+fn single_in(segs: &mut Segments, lo: u64, hi: u64, writable: bool, window: &Window<'_>) -> bool {
+    #[allow(clippy::cast_possible_truncation)]
+    let len = hi as u32;
+    if len == 0 {
+        return false;
+    }
+    let Some(p) = window.translate_for(GuestPhysAddr::new(lo), len, writable) else { return false };
+    segs.segs.clear();
+    segs.segs.push(RawSeg { host: p.slice.as_ptr() as usize, len, gpa: p.phys.raw(), slot: p.slot, writable });
+    let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
+    segs.totals = Totals { readable, writable: writable_len, seen_writable: writable };
+    true
+}
+
 /// Walks an indirect table whose descriptor's words are `lo`, `hi`: split tables (entries
 /// chained by NEXT, flags in bits 32-47) or packed ones (every entry in order, flags in bits
 /// 48-63).
@@ -338,6 +355,33 @@ pub(crate) unsafe fn split_chain(
     unsafe { split_walk(desc, size, lo, hi, segs, win) }
 }
 
+/// [`split_chain`] for a caller that takes one chain (`QueueBatch::pop`, `pop_burst`): the
+/// batch's window is read as it is for a single buffer, and a [`Windowed`] made only for a walk.
+///
+/// # Safety
+/// As for [`split_chain`].
+#[inline(always)]
+pub(crate) unsafe fn split_chain_once(
+    desc: *const u8,
+    size: u16,
+    head: u16,
+    segs: &mut Segments,
+    mem: &Batch<'_>,
+) -> Option<()> {
+    if head >= size {
+        return None;
+    }
+    // SAFETY: head < size: the entry lies in the table (the caller's contract).
+    let (lo, hi) = unsafe { words(desc.add(16 * usize::from(head))) };
+    let flags = split_flags(hi);
+    if flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && single_in(segs, lo, hi, flags & DESC_F_WRITE != 0, &mem.window())
+    {
+        return Some(());
+    }
+    // SAFETY: the caller's contract.
+    unsafe { split_walk(desc, size, lo, hi, segs, &mut Windowed::new(mem)) }
+}
+
 /// [`split_chain`] past its head's single buffer: the walk's loop. Inlined: out of line it has
 /// the registers to itself but pays a call, saves and restores, and counts more instructions per
 /// chain (callgrind, `examples/probe_pop.rs`).
@@ -402,6 +446,29 @@ pub(crate) unsafe fn packed_chain(
     }
     // SAFETY: the caller's contract.
     unsafe { packed_walk(ring, size, head, lo, hi, segs, win) }
+}
+
+/// [`packed_chain`] for a caller that takes one chain, as [`split_chain_once`] is.
+///
+/// # Safety
+/// As for [`packed_chain`].
+#[inline(always)]
+pub(crate) unsafe fn packed_chain_once(
+    ring: *const u8,
+    size: u16,
+    head: u16,
+    segs: &mut Segments,
+    mem: &Batch<'_>,
+) -> Option<(u16, u16)> {
+    // SAFETY: head < size (the caller's contract).
+    let (lo, hi) = unsafe { words(ring.add(16 * usize::from(head))) };
+    let flags = packed_flags(hi);
+    if flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 && single_in(segs, lo, hi, flags & DESC_F_WRITE != 0, &mem.window())
+    {
+        return Some((packed_id(hi), 1));
+    }
+    // SAFETY: the caller's contract.
+    unsafe { packed_walk(ring, size, head, lo, hi, segs, &mut Windowed::new(mem)) }
 }
 
 /// The buffer id of a packed descriptor's `hi` word (bits 32-47): the chain's last

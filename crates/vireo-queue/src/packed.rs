@@ -173,10 +173,9 @@ pub(crate) fn packed_cached_pop(
     if head >= size || packed_available(d, size, state).ok()?.is_none() {
         return None;
     }
-    let mut win = cached::Windowed::new(mem);
     // SAFETY: the ring's view holds 16 * size bytes from a 16-aligned base (Direct::new), mapped
     // for the batch; head < size.
-    let (id, count) = unsafe { cached::packed_chain(d.base(Area::Desc), size, head, segs, &mut win) }?;
+    let (id, count) = unsafe { cached::packed_chain_once(d.base(Area::Desc), size, head, segs, mem) }?;
     let (next, wrapped) = advance(head, count, size);
     state.next_avail = next;
     state.avail_wrap ^= wrapped;

@@ -406,10 +406,9 @@ pub(crate) fn split_cached_pop(
 ) -> Option<u16> {
     let slot = usize::from(state.next_avail & (size - 1));
     let head = u16::from_le(d.read::<u16>(Area::Driver, 4 + 2 * slot).ok()?);
-    let mut win = cached::Windowed::new(mem);
     // SAFETY: the descriptor table's view holds 16 * size bytes from a 16-aligned base
     // (Direct::new), mapped for the batch.
-    unsafe { cached::split_chain(d.base(Area::Desc), size, head, segs, &mut win) }?;
+    unsafe { cached::split_chain_once(d.base(Area::Desc), size, head, segs, mem) }?;
     state.next_avail = state.next_avail.wrapping_add(1);
     Some(head)
 }
