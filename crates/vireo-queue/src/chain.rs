@@ -208,6 +208,12 @@ impl<'c> Chain<'c> {
         Self { id, ring_descs, seg_list: s }
     }
 
+    /// The segments as the walk left them (for the batch's own copies into [`crate::Buffer`]s).
+    #[inline(always)]
+    pub(crate) fn raw_segments(&self) -> &'c [RawSeg] {
+        self.segs()
+    }
+
     #[inline(always)]
     fn segs(&self) -> &'c [RawSeg] {
         &self.seg_list.segs
