@@ -12,7 +12,10 @@ fn main() {
     .unwrap();
     let mut q = mem.register_queue();
     let ring = [(vireo_memory::GuestPhysAddr::new(0x1000), 4096u64)];
-    for _ in 0..100_000 {
+    // PROBE_ROUNDS batches (callgrind: run twice with different counts, the difference is the
+    // per-batch cost without the setup).
+    let rounds: u64 = std::env::var("PROBE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    for _ in 0..rounds {
         let b = q.batch(&ring);
         std::hint::black_box(b.cached().map(|c| c[0].len()));
     }

@@ -179,31 +179,35 @@ impl PinList {
         }
     }
 
+    /// Whether nothing is pinned (the spill is used only once the inline slots are full).
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Empties the list (its spill keeps its allocation for the next batch that needs it).
+    fn clear(&mut self) {
+        self.len = 0;
+        self.spill.clear();
+    }
+
     fn iter(&self) -> impl Iterator<Item = u16> + '_ {
         self.inline[..self.len].iter().chain(self.spill.iter()).copied()
     }
 }
 
 /// One batch of a queue's work. Every [`GuestSlice`] it hands out is valid until it ends (drop).
+///
+/// What lasts across its translations (its pins, its last region, its map and log cache) lives in
+/// the [`QueueMemory`] it borrows exclusively: beginning a batch then stores a few words.
 #[derive(Debug)]
 pub struct Batch<'q> {
-    pub(super) gate: &'q Arc<Gate>,
-    pub(super) shared: &'q StdArc<Shared>,
-    /// The queue's map, replaced in place (not cloned: a shared refcount per batch would bounce a
-    /// cache line between workers) when a region turns out to be retiring.
-    pub(super) map: RefCell<&'q mut StdArc<MemoryMap>>,
-    pub(super) pinned: RefCell<PinList>,
-    /// The region of the last translation, pinned for this batch or held by its cache: buffers of one batch
-    /// almost always fall in the same region, and then translating is two compares. A batch that
-    /// uses the cached translation starts with the rings' region (`LocalCache::window`), held by
-    /// the cache instead of a pin; others with `LastRegion::NONE` (nothing matches it).
-    pub(super) last: Cell<LastRegion>,
-    /// The rings' region while this batch uses the cached translation (`LocalCache::window`),
-    /// `LastRegion::NONE` otherwise: held by the cache, so never pinned by the batch (pinning it
-    /// could even be refused while it retires, though the batch holds it), and I/O pins on it
-    /// are taken on its slot.
-    pub(super) held: LastRegion,
-    /// Its region id, 0 with no region.
+    pub(super) q: &'q QueueMemory,
+    /// The id of the rings' region while this batch uses the cached translation
+    /// (`LocalCache::window`, then also `QueueMemory::last` at the start), 0 otherwise: held by
+    /// the cache, so never pinned by the batch (pinning it could even be refused while it
+    /// retires, though the batch holds it), and I/O pins on it are taken on its slot. (Region ids
+    /// start at 1.)
     pub(super) held_id: u64,
     /// Whether the cached translation serves this batch.
     pub(super) cache_hit: bool,
@@ -212,8 +216,6 @@ pub struct Batch<'q> {
     /// The log it is logged in (pinned); `None` with `logging` when the frontend gave none, and
     /// then every write is refused as unloggable rather than silently not logged.
     pub(super) log: Option<StdArc<DirtyLog>>,
-    pub(super) log_cache: RefCell<&'q mut LogCache>,
-    pub(super) cache: &'q LocalCache,
     /// The IOTLB snapshot this batch translates through, its generation pinned in `iotlb_slot`.
     pub(super) iotlb: Option<&'q IotlbTable>,
     pub(super) iotlb_slot: Option<usize>,
@@ -236,7 +238,7 @@ impl<'q> Batch<'q> {
     /// [`Gate::yield_requested`]).
     #[inline(always)]
     pub fn yield_requested(&self) -> bool {
-        self.gate.yield_requested()
+        self.q.gate.yield_requested()
     }
 
     /// Whether addresses go through an IOTLB in this batch.
@@ -248,14 +250,14 @@ impl<'q> Batch<'q> {
     /// batch translated into last, or `None` (then translate normally).
     #[inline(always)]
     pub fn translate_fast(&self, addr: GuestPhysAddr, len: u32, writable: bool) -> Option<Piece<'_>> {
-        Window { last: self.last.get(), _batch: std::marker::PhantomData }.translate_for(addr, len, writable)
+        Window { last: self.q.last.get(), _batch: std::marker::PhantomData }.translate_for(addr, len, writable)
     }
 
     /// The region this batch translated into last (pinned for the batch), or before that the
     /// rings' region its valid cache holds; otherwise an empty window, in which nothing is found.
     #[inline(always)]
     pub fn window(&self) -> Window<'_> {
-        Window { last: self.last.get(), _batch: std::marker::PhantomData }
+        Window { last: self.q.last.get(), _batch: std::marker::PhantomData }
     }
 
     /// Behind an IOTLB: checks that `[addr, addr + len)` is fully covered with `perm`, so that a
@@ -275,14 +277,14 @@ impl<'q> Batch<'q> {
         if !self.cache_hit {
             return None;
         }
-        Some(self.cache.views.map(|(host, len)| {
+        Some(self.q.cache.views.map(|(host, len)| {
             // SAFETY: the gate's cache is valid for this batch (checked after `enter`, or filled
             // and validated against `seq` in `fill`), so every cached range stays mapped until the
             // batch ends: an invalidation that retires its region clears the cache and waits for
             // this batch first. Each range lies inside one region (checked in `fill`), and the
             // slice borrows the batch, so it cannot outlive it. Unused entries have length zero
-            // and a dangling, never dereferenced pointer.
-            unsafe { GuestSlice::new(NonNull::new(host as *mut u8).unwrap_or(NonNull::dangling()), len) }
+            // and a dangling, never dereferenced address. No address is 0 (`LocalCache::views`).
+            unsafe { GuestSlice::new(NonNull::new_unchecked(host as *mut u8), len) }
         }))
     }
 
@@ -291,30 +293,30 @@ impl<'q> Batch<'q> {
     /// through O_DIRECT.
     #[inline]
     pub fn has_file_pages(&self) -> bool {
-        self.map.borrow().has_file_pages()
+        self.q.map.borrow().has_file_pages()
     }
 
     /// The map this batch translates with.
     pub fn map(&self) -> StdArc<MemoryMap> {
-        (**self.map.borrow()).clone()
+        self.q.map.borrow().clone()
     }
 
     fn pin_index(&self, index: usize, map: &MemoryMap) -> bool {
         let region = map.region(index);
-        if self.held.len != 0 && region.id() == self.held_id {
+        if self.held_id != 0 && region.id() == self.held_id {
             // Held by the cache for the whole batch (`LocalCache::window`).
             return true;
         }
         let tag = &region.tag;
         // Slots are below NUM_SLOTS, which fits u16.
         let slot = u16::try_from(tag.slot).unwrap_or(u16::MAX);
-        if self.pinned.borrow().contains(slot) {
+        if self.q.pinned.borrow().contains(slot) {
             return true;
         }
-        if !self.gate.pin(tag) {
+        if !self.q.gate.pin(tag) {
             return false;
         }
-        self.pinned.borrow_mut().push(slot);
+        self.q.pinned.borrow_mut().push(slot);
         true
     }
 
@@ -345,7 +347,7 @@ impl<'q> Batch<'q> {
     /// The fast path: `gpa` in the region this batch translated into last.
     #[inline(always)]
     fn translate_last(&self, gpa: GuestPhysAddr, len: u64, perm: Perm, prefix: bool) -> Option<Piece<'_>> {
-        let last = self.last.get();
+        let last = self.q.last.get();
         let off = gpa.raw().wrapping_sub(last.gpa);
         if off >= last.len || !last.perm.allows(perm) {
             return None;
@@ -421,18 +423,18 @@ impl<'q> Batch<'q> {
         // worker here.
         for _ in 0..64 {
             let (t, pinned, last) = {
-                let map = self.map.borrow();
+                let map = self.q.map.borrow();
                 let (t, last) = self.locate(&map, gpa, len, perm)?;
                 let pinned = self.pin_index(t.index, &map);
                 if pinned {
-                    self.last.set(last);
+                    self.q.set_last(last);
                 }
                 (t, pinned, last)
             };
             if !pinned {
                 // Being retired: its replacement (if any) is already published.
-                self.last.set(LastRegion::NONE);
-                **self.map.borrow_mut() = lock(&self.shared.current).clone();
+                self.q.set_last(LastRegion::NONE);
+                *self.q.map.borrow_mut() = lock(&self.q.shared.current).clone();
                 continue;
             }
             let take = if t.avail >= len {
@@ -495,7 +497,7 @@ impl<'q> Batch<'q> {
     /// [`Batch::log_write_addr`].
     pub fn log_write(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), MemoryError> {
         match &self.log {
-            Some(log) => self.log_cache.borrow_mut().add(gpa, len, log),
+            Some(log) => self.q.log_cache.borrow_mut().add(gpa, len, log),
             None if self.logging => Err(MemoryError::NoDirtyLog),
             None => Ok(()),
         }
@@ -508,8 +510,8 @@ impl<'q> Batch<'q> {
         let Some(log) = &self.log else {
             return if self.logging { Err(MemoryError::NoDirtyLog) } else { Ok(()) };
         };
-        let Some(tlb) = self.iotlb else { return self.log_cache.borrow_mut().add(gpa, len, log) };
-        let map = self.map.borrow();
+        let Some(tlb) = self.iotlb else { return self.q.log_cache.borrow_mut().add(gpa, len, log) };
+        let map = self.q.map.borrow();
         let mut done = 0u64;
         while done < len {
             let at = gpa.raw().checked_add(done).ok_or(MemoryError::Unmapped { gpa, len })?;
@@ -518,7 +520,7 @@ impl<'q> Batch<'q> {
             let r = map.region(t.index);
             let page_gpa = GuestPhysAddr::new(r.gpa().raw() + (uaddr - r.user_addr().raw()));
             let n = n.min(t.avail);
-            self.log_cache.borrow_mut().add(page_gpa, n, log)?;
+            self.q.log_cache.borrow_mut().add(page_gpa, n, log)?;
             done += n;
         }
         Ok(())
@@ -527,7 +529,7 @@ impl<'q> Batch<'q> {
     /// Sets every logged bit in the dirty log. Call before publishing a used index.
     pub fn flush_log(&self) -> Result<(), MemoryError> {
         match &self.log {
-            Some(log) => self.log_cache.borrow_mut().flush(log),
+            Some(log) => self.q.log_cache.borrow_mut().flush(log),
             None => Ok(()),
         }
     }
@@ -542,11 +544,11 @@ impl<'q> Batch<'q> {
     /// waits for the I/O too.
     pub fn io_pin(&self, piece: &Piece<'_>) -> IoPin {
         let slot = usize::from(piece.slot);
-        self.gate.pin_again(slot);
+        self.q.gate.pin_again(slot);
         if let Some(s) = self.iotlb_slot {
-            self.gate.pin_again(s);
+            self.q.gate.pin_again(s);
         }
-        IoPin { gate: self.gate.clone(), slot, iotlb_slot: self.iotlb_slot }
+        IoPin { gate: self.q.gate.clone(), slot, iotlb_slot: self.iotlb_slot }
     }
 
     /// I/O pins on the slots of pieces this batch translated ([`Piece::slot`]), one per distinct
@@ -557,8 +559,8 @@ impl<'q> Batch<'q> {
             if !out.iter().any(|p| p.slot == slot) {
                 // The batch holds this slot pinned (it translated into it), or its cached
                 // translation is in it (`LocalCache::window`), so no retiring check is needed.
-                self.gate.pin_again(slot);
-                out.push(IoPin { gate: self.gate.clone(), slot, iotlb_slot: None });
+                self.q.gate.pin_again(slot);
+                out.push(IoPin { gate: self.q.gate.clone(), slot, iotlb_slot: None });
             }
         };
         if let Some(slot) = self.iotlb_slot {
@@ -573,19 +575,32 @@ impl<'q> Batch<'q> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         if let Some(log) = &self.log {
-            if let Err(err) = self.log_cache.borrow_mut().flush(log) {
+            if let Err(err) = self.q.log_cache.borrow_mut().flush(log) {
                 tracing::warn!(%err, "dirty log flush failed at the end of a batch");
             }
-            self.gate.unpin(log.tag.slot);
+            self.q.gate.unpin(log.tag.slot);
         }
-        for slot in self.pinned.borrow().iter() {
-            self.gate.unpin(usize::from(slot));
+        let mut pinned = self.q.pinned.borrow_mut();
+        if !pinned.is_empty() {
+            // Most batches pin nothing (their buffers are in the rings' region, which the cache
+            // holds): the loop stays out of their way.
+            unpin_all(&self.q.gate, &mut pinned);
         }
+        drop(pinned);
         if let Some(slot) = self.iotlb_slot {
-            self.gate.unpin(slot);
+            self.q.gate.unpin(slot);
         }
-        self.gate.leave();
+        self.q.gate.leave();
     }
+}
+
+#[cold]
+#[inline(never)]
+fn unpin_all(gate: &Gate, pinned: &mut PinList) {
+    for slot in pinned.iter() {
+        gate.unpin(usize::from(slot));
+    }
+    pinned.clear();
 }
 
 /// An in-flight I/O's hold on a region (and, behind an IOTLB, on its generation): the

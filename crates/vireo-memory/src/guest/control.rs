@@ -363,15 +363,18 @@ impl GuestMemory {
         QueueMemory {
             shared: self.shared.clone(),
             gate,
-            map: self.map(),
+            map: RefCell::new(self.map()),
             map_gen: u64::MAX,
             log: None,
             log_gen: u64::MAX,
             iotlb: None,
             iotlb_gen: u64::MAX,
             cache: LocalCache::default(),
-            log_cache: LogCache::new(),
+            log_cache: RefCell::new(LogCache::new()),
             force_translating: false,
+            pinned: RefCell::new(PinList::default()),
+            last: Cell::new(LastRegion::NONE),
+            last_is_window: Cell::new(false),
         }
     }
 }

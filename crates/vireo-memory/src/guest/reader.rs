@@ -8,7 +8,9 @@ pub(super) struct LocalCache {
     /// The guest ranges the cache was filled for.
     ranges: [(u64, u64); MAX_CACHED],
     count: usize,
-    /// Host address and length of each range.
+    /// Host address and length of each range. The address is never 0 (unused entries hold
+    /// [`DANGLING`] with length 0), so that [`Batch::cached`] is a copy. (An address rather than
+    /// a `NonNull`, which would make the queue's memory `!Send`.)
     pub(super) views: [(usize, usize); MAX_CACHED],
     /// The whole region the first range lies in (without an IOTLB; `LastRegion::NONE` behind
     /// one): a batch that uses the cache starts with it as its last region, so that buffers in
@@ -22,12 +24,15 @@ pub(super) struct LocalCache {
     window_id: u64,
 }
 
+/// The address of an unused cached view: not null, never dereferenced (its length is 0).
+pub(super) const DANGLING: usize = 1;
+
 impl Default for LocalCache {
     fn default() -> Self {
         Self {
             ranges: [(0, 0); MAX_CACHED],
             count: 0,
-            views: [(0, 0); MAX_CACHED],
+            views: [(DANGLING, 0); MAX_CACHED],
             window: LastRegion::NONE,
             window_id: 0,
         }
@@ -40,15 +45,28 @@ impl Default for LocalCache {
 pub struct QueueMemory {
     pub(super) shared: StdArc<Shared>,
     pub(super) gate: Arc<Gate>,
-    pub(super) map: StdArc<MemoryMap>,
+    /// The map batches translate with; a batch replaces it in place when a region turns out to
+    /// be retiring (not a clone per batch: a shared refcount would bounce a cache line between
+    /// workers).
+    pub(super) map: RefCell<StdArc<MemoryMap>>,
     pub(super) map_gen: u64,
     pub(super) log: Option<StdArc<DirtyLog>>,
     pub(super) log_gen: u64,
     pub(super) iotlb: Option<StdArc<IotlbTable>>,
     pub(super) iotlb_gen: u64,
     pub(super) cache: LocalCache,
-    pub(super) log_cache: LogCache,
+    pub(super) log_cache: RefCell<LogCache>,
     pub(super) force_translating: bool,
+    /// What a batch keeps between its translations, kept here rather than in the [`Batch`] so
+    /// that beginning a batch writes almost nothing (the read side's cost is mostly stores):
+    /// the slots the batch has pinned (empty between batches),
+    pub(super) pinned: RefCell<PinList>,
+    /// the region of its last translation (see `Batch::translate_last`),
+    pub(super) last: Cell<LastRegion>,
+    /// and whether `last` is a copy of `cache.window`, which a batch that uses the cache then
+    /// need not copy again. Cleared by whatever else writes `last` ([`QueueMemory::set_last`])
+    /// and by a refill of the cache.
+    pub(super) last_is_window: Cell<bool>,
 }
 
 impl Drop for QueueMemory {
@@ -81,7 +99,14 @@ impl QueueMemory {
 
     /// Moves every time this queue's batches set bits in the dirty log.
     pub fn log_flushes(&self) -> u64 {
-        self.log_cache.flushes()
+        self.log_cache.borrow().flushes()
+    }
+
+    /// Sets the region of a batch's last translation (anything but the cache's window).
+    #[inline]
+    pub(super) fn set_last(&self, last: LastRegion) {
+        self.last.set(last);
+        self.last_is_window.set(false);
     }
 
     /// Begins a batch. `ranges` (at most [`MAX_CACHED`], one fewer behind a vIOMMU) are the
@@ -100,7 +125,7 @@ impl QueueMemory {
         // Acquire: pairs with the Release in `publish_map`.
         let gen = self.shared.map_gen.load(Acquire);
         if gen != self.map_gen {
-            self.map = lock(&self.shared.current).clone();
+            *self.map.get_mut() = lock(&self.shared.current).clone();
             self.map_gen = gen;
         }
         // SeqCst: pairs with the SeqCst store in `set_logging` (after the fence in `enter`).
@@ -115,30 +140,22 @@ impl QueueMemory {
             && !ranges.is_empty()
             && ranges.len() + usize::from(self.iotlb.is_some()) <= MAX_CACHED
             && self.use_or_fill_cache(cache_valid, ranges, perms);
-        // The rings' region, held by the cache for this batch; not behind an IOTLB, where
-        // addresses are IOVAs (a batch may find an IOTLB published under a cache filled without
-        // one, before the control thread's quiesce clears it).
-        let (held, held_id) = if cache_hit && self.iotlb.is_none() && self.cache.window.len != 0 {
-            (self.cache.window, self.cache.window_id)
+        // The batch starts from the rings' region, held by the cache for this batch; not behind
+        // an IOTLB, where addresses are IOVAs (a batch may find an IOTLB published under a cache
+        // filled without one, before the control thread's quiesce clears it). Otherwise from no
+        // region: whatever an earlier batch pinned is not pinned any more.
+        let held_id = if cache_hit && self.iotlb.is_none() {
+            if !self.last_is_window.get() {
+                self.last.set(self.cache.window);
+                self.last_is_window.set(true);
+            }
+            self.cache.window_id
         } else {
-            (LastRegion::NONE, 0)
+            self.set_last(LastRegion::NONE);
+            0
         };
-        Batch {
-            gate: &self.gate,
-            shared: &self.shared,
-            map: RefCell::new(&mut self.map),
-            pinned: RefCell::new(PinList::default()),
-            last: Cell::new(held),
-            held,
-            held_id,
-            cache_hit,
-            logging,
-            log,
-            log_cache: RefCell::new(&mut self.log_cache),
-            cache: &self.cache,
-            iotlb: self.iotlb.as_deref(),
-            iotlb_slot,
-        }
+        let q: &QueueMemory = self;
+        Batch { q, held_id, cache_hit, logging, log, iotlb: q.iotlb.as_deref(), iotlb_slot }
     }
 
     #[inline]
@@ -166,18 +183,18 @@ impl QueueMemory {
         // before the Release end of the invalidation that `read_begin` synchronized with.
         let gen = self.shared.map_gen.load(Acquire);
         if gen != self.map_gen {
-            self.map = lock(&self.shared.current).clone();
+            *self.map.get_mut() = lock(&self.shared.current).clone();
             self.map_gen = gen;
         }
         let mut ids = [0u64; MAX_CACHED];
-        let mut views = [(0usize, 0usize); MAX_CACHED];
+        let mut views = [(DANGLING, 0usize); MAX_CACHED];
         let (mut window, mut window_id) = (LastRegion::NONE, 0);
         for (i, &(gpa, len)) in ranges.iter().enumerate() {
             if len == 0 {
                 return None;
             }
             let t = match &self.iotlb {
-                None => self.map.translate(gpa)?,
+                None => self.map.get_mut().translate(gpa)?,
                 Some(tlb) => {
                     // The IOTLB snapshot is the one this batch pinned: its generation cannot be
                     // retired under us, and the cache records it below.
@@ -185,16 +202,16 @@ impl QueueMemory {
                     if avail < len {
                         return None;
                     }
-                    self.map.translate_user(crate::addr::UserAddr::new(uaddr))?
+                    self.map.get_mut().translate_user(crate::addr::UserAddr::new(uaddr))?
                 }
             };
             if t.avail < len {
                 // The range spans two regions: no single pointer; the translating path serves it.
                 return None;
             }
-            let r = self.map.region(t.index);
+            let r = self.map.get_mut().region(t.index);
             ids[i] = r.id();
-            views[i] = (t.host, usize::try_from(len).ok()?);
+            views[i] = (NonNull::new(t.host as *mut u8)?.as_ptr() as usize, usize::try_from(len).ok()?);
             if i == 0 && self.iotlb.is_none() {
                 window = LastRegion::whole(r);
                 window_id = r.id();
@@ -216,6 +233,7 @@ impl QueueMemory {
         c.views = views;
         c.window = window;
         c.window_id = window_id;
+        self.last_is_window.set(false);
         Some(())
     }
 }
