@@ -964,8 +964,13 @@ impl BlkDevice {
             bufs.push(Buffer { gpa: s.data, len: dlen32, writable: device_writes });
         }
         bufs.push(Buffer { gpa: s.status, len: 1, writable: true });
+        // A split ring's index is stored at every add, as Linux's virtio driver does (the kick
+        // waits for `kick`): the device starts on this request while the next ones are written.
+        // Publishing only at the kick made the device wait for the whole batch, and the two
+        // sides took turns (the driver slept once per batch, BENCHMARKS.md); a packed ring's
+        // descriptor is visible as soon as it is written.
         let id = match &mut queue.ring {
-            Ring::Split(r) => r.add_indirect(&mut self.ram, &bufs),
+            Ring::Split(r) => r.add_indirect(&mut self.ram, &bufs).and_then(|id| r.expose(&self.ram).map(|()| id)),
             Ring::Packed(r) => r.add_indirect(&mut self.ram, &bufs),
         };
         let id = match id {

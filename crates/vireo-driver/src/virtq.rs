@@ -97,12 +97,23 @@ pub struct SplitDriver {
     avail: GuestPhysAddr,
     used: GuestPhysAddr,
     free: Vec<u16>,
-    /// Descriptor indices of each chain in flight, by head; and its indirect table, if any.
-    in_flight: Vec<Option<Vec<u16>>>,
+    /// The number of ring descriptors of each chain in flight, by head (0: none in flight), and
+    /// the driver's own copy of each descriptor's `next` (the ring's may be read by the device,
+    /// and the driver frees a chain without reading guest memory): no allocation per request.
+    chain_len: Vec<u16>,
+    chain_next: Vec<u16>,
+    /// Each head's indirect table, if any.
     tables: Vec<Option<(GuestPhysAddr, u32)>>,
     avail_idx: u16,
+    /// The available index as stored in the ring.
     published: u16,
+    /// The available index when the driver last decided whether to kick: what the device's
+    /// event index is compared against (every chain since then counts, 2.7.13.4).
+    kicked: u16,
     last_used: u16,
+    /// The device's used index as last read: entries up to it are consumed without reading the
+    /// index again (a line the device writes after every completion).
+    seen_used: u16,
 }
 
 impl SplitDriver {
@@ -121,11 +132,14 @@ impl SplitDriver {
             avail,
             used,
             free: (0..size).rev().collect(),
-            in_flight: vec![None; usize::from(size)],
+            chain_len: vec![0; usize::from(size)],
+            chain_next: vec![0; usize::from(size)],
             tables: vec![None; usize::from(size)],
             avail_idx: 0,
             published: 0,
+            kicked: 0,
             last_used: 0,
+            seen_used: 0,
         })
     }
 
@@ -159,19 +173,28 @@ impl SplitDriver {
         if bufs.len() > self.free.len() {
             return Err(DriverError::Full { want: bufs.len(), free: self.free.len() });
         }
-        let idx: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        let n = u16::try_from(bufs.len()).map_err(|_| DriverError::Full { want: bufs.len(), free: self.free.len() })?;
+        // Link the chain's descriptors first (bufs.len() <= free.len(), checked above).
+        let head = self.free.pop().ok_or(DriverError::Full { want: bufs.len(), free: 0 })?;
+        let mut last = head;
+        for _ in 1..bufs.len() {
+            let d = self.free.pop().ok_or(DriverError::Full { want: bufs.len(), free: 0 })?;
+            self.chain_next[usize::from(last)] = d;
+            last = d;
+        }
+        let mut d = head;
         for (i, b) in bufs.iter().enumerate() {
             let mut flags = if b.writable { F_WRITE } else { 0 };
             let next = if i + 1 < bufs.len() {
                 flags |= F_NEXT;
-                idx[i + 1]
+                self.chain_next[usize::from(d)]
             } else {
                 0
             };
-            ram.write(at(self.desc, 16 * u64::from(idx[i])), &desc_bytes(ram.dma(b.gpa), b.len, flags, next))?;
+            ram.write(at(self.desc, 16 * u64::from(d)), &desc_bytes(ram.dma(b.gpa), b.len, flags, next))?;
+            d = next;
         }
-        let head = idx[0];
-        self.in_flight[usize::from(head)] = Some(idx);
+        self.chain_len[usize::from(head)] = n;
         self.push_avail(ram, head)?;
         Ok(head)
     }
@@ -203,20 +226,31 @@ impl SplitDriver {
             ram.write(at(table, 16 * i as u64), &desc_bytes(ram.dma(b.gpa), b.len, flags, next))?;
         }
         ram.write(at(self.desc, 16 * u64::from(head)), &desc_bytes(ram.dma(table), 16 * n, F_INDIRECT, 0))?;
-        self.in_flight[usize::from(head)] = Some(vec![head]);
+        self.chain_len[usize::from(head)] = 1;
         self.push_avail(ram, head)?;
         Ok(head)
     }
 
-    /// Publishes every chain added since the last call (the available index, with release
-    /// ordering), and says whether the device wants a kick (2.7.13.4).
-    pub fn publish(&mut self, ram: &GuestRam, event_idx: bool) -> Result<bool, DriverError> {
-        let old = self.published;
+    /// Makes every chain added so far visible to the device (the available index, with release
+    /// ordering), without deciding about a kick: Linux's driver stores the index at every add
+    /// and kicks once per batch, so the device starts on the first request while the driver
+    /// adds the rest, as it does on a packed ring, where a descriptor is visible once written.
+    pub fn expose(&mut self, ram: &GuestRam) -> Result<(), DriverError> {
         let idx = ram.slice(self.avail, 4)?;
         // Release: the ring entries and descriptors written above are visible before the index.
         idx.store_u16(2, self.avail_idx.to_le(), Ordering::Release)
             .map_err(|_| RamError::Outside { gpa: self.avail, len: 4 })?;
         self.published = self.avail_idx;
+        Ok(())
+    }
+
+    /// Publishes every chain added since the last call (the available index, with release
+    /// ordering), and says whether the device wants a kick for the chains made available since
+    /// the last call (2.7.13.4), [`SplitDriver::expose`]d or not.
+    pub fn publish(&mut self, ram: &GuestRam, event_idx: bool) -> Result<bool, DriverError> {
+        let old = self.kicked;
+        self.expose(ram)?;
+        self.kicked = self.avail_idx;
         // Pairs with the device's barrier between writing avail_event/flags and re-reading the
         // available index.
         fence(Ordering::SeqCst);
@@ -236,13 +270,16 @@ impl SplitDriver {
 
     /// Takes the next used element, if the device has published one.
     pub fn pop_used(&mut self, ram: &GuestRam) -> Result<Option<UsedElem>, DriverError> {
-        let used_idx = ram.slice(self.used, 4)?;
-        // Acquire: pairs with the device's release store of the used index.
-        let idx = u16::from_le(
-            used_idx.load_u16(2, Ordering::Acquire).map_err(|_| RamError::Outside { gpa: self.used, len: 4 })?,
-        );
-        if idx == self.last_used {
-            return Ok(None);
+        if self.seen_used == self.last_used {
+            let used_idx = ram.slice(self.used, 4)?;
+            // Acquire: pairs with the device's release store of the used index.
+            let idx = u16::from_le(
+                used_idx.load_u16(2, Ordering::Acquire).map_err(|_| RamError::Outside { gpa: self.used, len: 4 })?,
+            );
+            if idx == self.last_used {
+                return Ok(None);
+            }
+            self.seen_used = idx;
         }
         let slot = u64::from(self.last_used & (self.size - 1));
         let mut e = [0u8; 8];
@@ -250,12 +287,15 @@ impl SplitDriver {
         let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
         let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
         let id16 = u16::try_from(id).map_err(|_| DriverError::BadUsedId { id })?;
-        let descs = self
-            .in_flight
-            .get_mut(usize::from(id16))
-            .and_then(Option::take)
-            .ok_or_else(|| DriverError::BadUsedId { id })?;
-        self.free.extend(descs);
+        let n = match self.chain_len.get_mut(usize::from(id16)) {
+            Some(n) if *n > 0 => std::mem::take(n),
+            _ => return Err(DriverError::BadUsedId { id }),
+        };
+        let mut d = id16;
+        for _ in 0..n {
+            self.free.push(d);
+            d = self.chain_next[usize::from(d)];
+        }
         self.last_used = self.last_used.wrapping_add(1);
         Ok(Some(UsedElem { id: id16, len }))
     }
