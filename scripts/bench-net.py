@@ -112,6 +112,15 @@ def main():
                 for ring in a.rings.split(","):
                     for backend in ("vireo", "dpdk"):
                         mpps = run_one(backend, d, ring, a.seconds, tmp) / 1e6
+                        if mpps == 0:
+                            # A run that moved nothing (seen once in about fifty: a testpmd that
+                            # did not come up): its logs go to stderr and the run is taken again,
+                            # once; a second failure fails the benchmark.
+                            for name in ("frontend.log", f"backend-{backend}.log"):
+                                with open(os.path.join(tmp, name), errors="replace") as log:
+                                    print(f"--- {name} of a run that moved nothing:\n{log.read()[-3000:]}",
+                                          file=sys.stderr)
+                            mpps = run_one(backend, d, ring, a.seconds, tmp) / 1e6
                         failed |= mpps == 0
                         results.setdefault(f"guest-{d.upper()} {ring}", {}).setdefault(backend, []).append(mpps)
                         print(f"round {r + 1}: guest-{d.upper()} {ring:6} {backend:5} {mpps:6.2f} Mpps", flush=True)
