@@ -242,7 +242,9 @@ fn viommu_translates_every_address() {
 #[test]
 fn viommu_permission_fault_breaks_only_that_queue() {
     let srv = Server::start("viommu-perm", 1 << 20, false, 2);
-    let opts = BlkOptions { num_queues: 2, iommu: Some(IommuMode::Premapped), ..BlkOptions::default() };
+    // The request stays invisible until the kick, after its buffer was made read-only.
+    let opts =
+        BlkOptions { num_queues: 2, iommu: Some(IommuMode::Premapped), publish_at_kick: true, ..BlkOptions::default() };
     let mut dev = BlkDevice::connect(&srv.sock, &opts).unwrap();
     assert_eq!(dev.run_on(0, req::OUT, 0, Some(&[5u8; 4096]), 0).unwrap().0, status::OK);
     let slot = dev.submit(0, req::IN, 0, None, 4096).unwrap();

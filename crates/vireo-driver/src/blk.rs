@@ -255,6 +255,11 @@ pub struct BlkOptions {
     pub add_mem_reg: bool,
     /// Act as a vIOMMU (VIRTIO_F_ACCESS_PLATFORM): give the device IOVAs and IOTLB entries.
     pub iommu: Option<IommuMode>,
+    /// Store a split ring's available index only at [`BlkDevice::kick`], as drivers that
+    /// publish once per burst do (DPDK's virtio PMD), instead of at every request, as Linux's
+    /// does (the default). A request submitted and not kicked is then invisible to the device,
+    /// which a test that changes a request's mapping before kicking it relies on.
+    pub publish_at_kick: bool,
 }
 
 impl Default for BlkOptions {
@@ -271,6 +276,7 @@ impl Default for BlkOptions {
             inflight: false,
             add_mem_reg: false,
             iommu: None,
+            publish_at_kick: false,
         }
     }
 }
@@ -343,6 +349,8 @@ pub struct BlkDevice {
     blk_size: u32,
     max_request: usize,
     event_idx: bool,
+    /// [`BlkOptions::publish_at_kick`].
+    publish_at_kick: bool,
     /// The dirty log, once started: its memfd and size.
     log: Option<(std::os::fd::OwnedFd, u64)>,
     watchdog: Watchdog,
@@ -509,6 +517,7 @@ impl BlkDevice {
             blk_size,
             max_request: opts.max_request,
             event_idx,
+            publish_at_kick: opts.publish_at_kick,
             log: None,
             watchdog,
             proto_want: want,
@@ -970,6 +979,7 @@ impl BlkDevice {
         // sides took turns (the driver slept once per batch, BENCHMARKS.md); a packed ring's
         // descriptor is visible as soon as it is written.
         let id = match &mut queue.ring {
+            Ring::Split(r) if self.publish_at_kick => r.add_indirect(&mut self.ram, &bufs),
             Ring::Split(r) => r.add_indirect(&mut self.ram, &bufs).and_then(|id| r.expose(&self.ram).map(|()| id)),
             Ring::Packed(r) => r.add_indirect(&mut self.ram, &bufs),
         };

@@ -425,6 +425,12 @@ macro_rules! store_step {
 /// `dst..dst+src.len()` must be mapped and writable.
 unsafe fn volatile_copy_to_guest(src: &[u8], dst: *mut u8) {
     let n = src.len();
+    if let [byte] = src {
+        // One byte (a block request's status): one store, without the head and tail's steps.
+        // SAFETY: `dst` is the caller's range of one byte.
+        unsafe { dst.write_volatile(*byte) };
+        return;
+    }
     let mut i = 0usize;
     let i = &mut i;
     // The head, as `byte_sum_head`'s.

@@ -289,51 +289,55 @@ impl<'c> Chain<'c> {
         Ok(())
     }
 
+    /// A view of segment `s` of this chain.
+    #[inline(always)]
+    fn view(&self, s: &RawSeg) -> Option<GuestSlice<'c>> {
+        let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
+        // SAFETY: as in `segment`: translated in the batch this chain borrows from, which holds
+        // its region until it ends, and `'c` cannot outlive it.
+        Some(unsafe { GuestSlice::new(ptr, s.len as usize) })
+    }
+
     /// Copies the readable part, from byte `offset`, into `dst`; returns how much was copied.
-    pub fn read_at(&self, mut offset: usize, dst: &mut [u8]) -> usize {
-        let mut done = 0;
-        for s in self.readable() {
-            if done == dst.len() {
-                break;
-            }
-            if offset >= s.len() {
-                offset -= s.len();
-                continue;
-            }
-            let n = (s.len() - offset).min(dst.len() - done);
-            if s.copy_to(offset, &mut dst[done..done + n]).is_err() {
-                break;
-            }
-            done += n;
-            offset = 0;
-        }
-        done
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        self.copy_at(false, offset, dst.len(), |view, at, done, n| view.copy_to(at, &mut dst[done..done + n]))
     }
 
     /// Copies `src` into the writable part from byte `offset`; returns how much was copied.
     /// The caller logs the write (`Chain::log_written`).
-    pub fn write_at(&self, mut offset: usize, src: &[u8]) -> usize {
-        // The common case: one writable buffer (a receive buffer) that holds it all.
-        if let [s] = self.segs() {
-            if s.writable && offset.checked_add(src.len()).is_some_and(|end| end <= s.len as usize) {
-                if let Some((_, _, view)) = self.segment(0) {
-                    if view.copy_from(offset, src).is_ok() {
-                        return src.len();
-                    }
-                }
-            }
-        }
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> usize {
+        self.copy_at(true, offset, src.len(), |view, at, done, n| view.copy_from(at, &src[done..done + n]))
+    }
+
+    /// The walk of [`Chain::read_at`] and [`Chain::write_at`]: `len` bytes from byte `offset`
+    /// of the readable (`writable` false) or writable part, `copy(view, offset in the segment,
+    /// bytes done, bytes to copy)` for each segment they touch. Over the segments as the walk
+    /// left them, a view made only for a segment that is copied (a block request reads its
+    /// header and writes its status byte: one view each).
+    #[inline(always)]
+    fn copy_at(
+        &self,
+        writable: bool,
+        mut offset: usize,
+        len: usize,
+        mut copy: impl FnMut(GuestSlice<'c>, usize, usize, usize) -> Result<(), vireo_memory::MemoryError>,
+    ) -> usize {
         let mut done = 0;
-        for (_, s) in self.writable() {
-            if done == src.len() {
+        for s in self.segs() {
+            if done == len {
                 break;
             }
-            if offset >= s.len() {
-                offset -= s.len();
+            if s.writable != writable {
                 continue;
             }
-            let n = (s.len() - offset).min(src.len() - done);
-            if s.copy_from(offset, &src[done..done + n]).is_err() {
+            let seg_len = s.len as usize;
+            if offset >= seg_len {
+                offset -= seg_len;
+                continue;
+            }
+            let n = (seg_len - offset).min(len - done);
+            let Some(view) = self.view(s) else { break };
+            if copy(view, offset, done, n).is_err() {
                 break;
             }
             done += n;

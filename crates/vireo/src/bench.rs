@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// Poll the used rings instead of waiting on call eventfds.
     #[arg(long)]
     pub poll: bool,
+    /// On split rings, store the available index only at the kick, once per batch (as DPDK's
+    /// virtio PMD does) instead of at every request (as Linux's virtio driver does).
+    #[arg(long)]
+    pub publish_at_kick: bool,
     /// Back guest RAM with huge pages (reserve them first: /proc/sys/vm/nr_hugepages).
     #[arg(long)]
     pub hugepages: bool,
@@ -269,6 +273,7 @@ pub fn run(a: &BenchArgs) -> Result<(), BenchError> {
             IommuArg::Premapped => vireo_driver::IommuMode::Premapped,
             IommuArg::OnDemand => vireo_driver::IommuMode::OnDemand,
         }),
+        publish_at_kick: a.publish_at_kick,
     };
     let mut dev = BlkDevice::connect(&a.socket_path, &opts)?;
     if a.ring == RingKind::Packed && dev.features() & (1 << 34) == 0 {
