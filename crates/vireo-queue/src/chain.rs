@@ -238,12 +238,7 @@ impl<'c> Chain<'c> {
     /// whether the device may write it, and a view of it.
     pub fn segment(&self, i: usize) -> Option<(GuestPhysAddr, bool, GuestSlice<'c>)> {
         let s = self.segs().get(i)?;
-        let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
-        // SAFETY: the segment was translated in the batch this chain borrows from, which holds its
-        // region (a pin, or the cached translation of the rings' region) until it ends; `'c`
-        // cannot outlive it.
-        let view = unsafe { GuestSlice::new(ptr, s.len as usize) };
-        Some((GuestPhysAddr::new(s.gpa), s.writable, view))
+        Some((GuestPhysAddr::new(s.gpa), s.writable, self.view(s)?))
     }
 
     /// The readable segments, in order.
@@ -293,8 +288,9 @@ impl<'c> Chain<'c> {
     #[inline(always)]
     fn view(&self, s: &RawSeg) -> Option<GuestSlice<'c>> {
         let ptr = std::ptr::NonNull::new(s.host as *mut u8)?;
-        // SAFETY: as in `segment`: translated in the batch this chain borrows from, which holds
-        // its region until it ends, and `'c` cannot outlive it.
+        // SAFETY: the segment was translated in the batch this chain borrows from, which holds
+        // its region (a pin, or the cached translation of the rings' region) until it ends;
+        // `'c` cannot outlive it.
         Some(unsafe { GuestSlice::new(ptr, s.len as usize) })
     }
 
